@@ -1,0 +1,64 @@
+"""The versioned model store: SQL rows (versions, classes, tasks, jobs, aliases, API keys),
+blobs in an object store (local folder or S3), and the version registry."""
+
+from store.api_keys import ApiKeyInfo, ApiKeys
+from store.db import Database, make_engine, upgrade_database
+from store.errors import (
+    DuplicateClassError,
+    IdempotencyConflictError,
+    JobNotFoundError,
+    JobStateError,
+    ObjectIntegrityError,
+    ObjectNotFoundError,
+    StaleParentError,
+    StateIntegrityError,
+    StoreError,
+    TaskNotFoundError,
+    VersionInUseError,
+    VersionNotFoundError,
+)
+from store.jobs import JobInfo, Jobs, Progress, Submission, TaskInfo
+from store.models import ACTIVE_ALIAS, JobState
+from store.objects import LocalObjectStore, ObjectStore, S3ObjectStore, make_object_store
+from store.registry import Registry, StateSource, VersionInfo
+from store.service import Store
+from store.settings import StoreSettings
+from store.uploads import TaskUploads, UploadedImage
+
+__all__ = [
+    "ACTIVE_ALIAS",
+    "ApiKeyInfo",
+    "ApiKeys",
+    "Database",
+    "DuplicateClassError",
+    "IdempotencyConflictError",
+    "JobInfo",
+    "JobNotFoundError",
+    "JobState",
+    "JobStateError",
+    "Jobs",
+    "LocalObjectStore",
+    "ObjectIntegrityError",
+    "ObjectNotFoundError",
+    "ObjectStore",
+    "Progress",
+    "Registry",
+    "S3ObjectStore",
+    "StaleParentError",
+    "StateIntegrityError",
+    "StateSource",
+    "Store",
+    "StoreError",
+    "StoreSettings",
+    "Submission",
+    "TaskInfo",
+    "TaskNotFoundError",
+    "TaskUploads",
+    "UploadedImage",
+    "VersionInUseError",
+    "VersionInfo",
+    "VersionNotFoundError",
+    "make_engine",
+    "make_object_store",
+    "upgrade_database",
+]

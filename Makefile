@@ -1,0 +1,56 @@
+# `make test` and `make demo` set everything up on a fresh machine: the virtualenv in .venv
+# (created once, reused after), the Python packages, and the Debian packages the tests need.
+
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+SYSTEM_PYTHON ?= python3
+# Reinstall the Python packages only when pyproject.toml changes.
+INSTALLED := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+APT_PACKAGES := dataset-fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The offline stand-in model is built once per checkout into this folder.
+export DMC_TEST_CACHE ?= $(CURDIR)/.cache/test-models
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install system-packages test lint typecheck unit demo bench clean
+
+$(PYTHON):
+	$(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+
+$(INSTALLED): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+install: $(INSTALLED) system-packages
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PYTHON) -m pytest
+
+test: lint typecheck unit
+
+demo: install
+	$(PYTHON) -m dmc_cli.main demo
+
+bench: install
+	@echo "benchmarks: see bench/README.md"
+
+clean:
+	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache runs

@@ -1,0 +1,193 @@
+"""Load open_clip models: built-in names with a pretrained tag, local checkpoints, the
+project's own small configs (`dmc_core/model_configs/*.json`) and models built on first use
+(the offline stand-in)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+HF_CONFIG_DIR = MODEL_CONFIG_DIR / "hf"
+DEFAULT_CACHE_DIR = Path(os.path.expanduser("~/.cache/dmc"))
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class BackboneError(RuntimeError):
+    """A backbone that cannot be loaded, with what to do about it."""
+
+
+ModelBuilder = Callable[[Path], Path]
+"""Builds a model into `cache_dir` on first use and returns an open_clip `local-dir` folder."""
+
+_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def register_model_builder(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a model that is built locally (not downloaded) under an open_clip-like name."""
+
+    def decorate(builder: ModelBuilder) -> ModelBuilder:
+        _BUILDERS[name] = builder
+        return builder
+
+    return decorate
+
+
+def _ensure_builtin_builders() -> None:
+    # The stand-in registers itself on import. Imported here, not at the top, because
+    # `standin` imports this module.
+    from dmc_core import standin  # noqa: F401
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What identifies a backbone: an open_clip name plus a pretrained tag or a checkpoint file.
+
+    `name` may also be `local-dir:/path` (open_clip's folder format) or a locally built model.
+    """
+
+    name: str
+    pretrained: str | None = None
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
+        return cls(**data)
+
+    @property
+    def id(self) -> str:
+        """A stable identifier, used to refuse states saved on another backbone."""
+        weights = self.pretrained or ""
+        if self.checkpoint:
+            weights = f"file:{Path(self.checkpoint).name}"
+        return f"{self.name}@{weights}" if weights else self.name
+
+
+@dataclass
+class Backbone:
+    """An open_clip model with its transforms and tokenizer."""
+
+    spec: BackboneSpec
+    # open_clip `CLIP` or `CustomTextCLIP`: their attributes differ, hence Any.
+    model: Any
+    preprocess_train: Callable[[Any], torch.Tensor]
+    preprocess_val: Callable[[Any], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    device: torch.device
+    precision: str
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.exp().item())
+
+
+def _resolve_hf_path(value: str) -> str:
+    """Our configs name their Hugging Face folders relative to `model_configs/hf`."""
+    local = HF_CONFIG_DIR / value
+    return str(local) if local.is_dir() else value
+
+
+def _text_cfg_overrides(name: str) -> dict[str, Any]:
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        return {}
+    text_cfg = copy.deepcopy(cfg.get("text_cfg", {}))
+    if "hf_model_name" not in text_cfg:
+        return {}
+    resolved = _resolve_hf_path(text_cfg["hf_model_name"])
+    if resolved == text_cfg["hf_model_name"]:
+        return {}
+    text_cfg["hf_model_name"] = resolved
+    text_cfg["hf_tokenizer_name"] = _resolve_hf_path(text_cfg.get("hf_tokenizer_name", resolved))
+    return {"text_cfg": text_cfg}
+
+
+def _tokenizer_for(name: str) -> Callable[..., torch.Tensor]:
+    overrides = _text_cfg_overrides(name)
+    if overrides:
+        text_cfg = overrides["text_cfg"]
+        return open_clip.tokenizer.HFTokenizer(
+            text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 77)
+        )
+    return open_clip.get_tokenizer(name)
+
+
+def _open_clip_name(spec: BackboneSpec, cache_dir: Path) -> str:
+    _ensure_builtin_builders()
+    builder = _BUILDERS.get(spec.name)
+    return f"local-dir:{builder(cache_dir)}" if builder else spec.name
+
+
+def load_backbone(
+    spec: BackboneSpec | str,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    cache_dir: Path | None = None,
+) -> Backbone:
+    """Create the open_clip model named by `spec` on `device` in `precision`, in eval mode.
+
+    A `checkpoint` takes precedence over a `pretrained` tag: it is a file written by
+    `save_checkpoint` (or any open_clip state dict) for the same architecture.
+    """
+    if isinstance(spec, str):
+        spec = BackboneSpec(spec)
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    name = _open_clip_name(spec, cache_dir or DEFAULT_CACHE_DIR)
+    weights = spec.checkpoint or spec.pretrained
+    if spec.checkpoint and not Path(spec.checkpoint).is_file():
+        raise BackboneError(f"checkpoint file not found: {spec.checkpoint}")
+    if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
+        raise BackboneError(
+            f"unknown model {spec.name!r}: not an open_clip model config "
+            f"(see open_clip.list_models()) nor a locally built model {sorted(_BUILDERS)}"
+        )
+    try:
+        model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
+            name,
+            pretrained=None if name.startswith("local-dir:") else weights,
+            device=device,
+            precision=precision,
+            **_text_cfg_overrides(name),
+        )
+    except RuntimeError as error:
+        raise BackboneError(f"could not load backbone {spec.id}: {error}") from error
+    model.eval()
+    return Backbone(
+        spec=spec,
+        model=model,
+        preprocess_train=preprocess_train,
+        preprocess_val=preprocess_val,
+        tokenizer=_tokenizer_for(name),
+        device=torch.device(device),
+        precision=precision,
+    )
+
+
+def save_checkpoint(model: nn.Module, path: Path) -> str:
+    """Save the model's weights where `BackboneSpec(checkpoint=path)` loads them; returns sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict()}, tmp)
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()

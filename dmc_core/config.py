@@ -1,0 +1,143 @@
+"""Every design choice of METHOD.md as one configuration, with the defaults given there."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar, get_type_hints
+
+from dmc_core.memory import MemoryConfig
+
+Method = Literal["dmc", "dmc_ot"]
+METHODS: tuple[Method, ...] = ("dmc", "dmc_ot")
+
+
+@dataclass
+class AdapterConfig:
+    """Stage 1's trainable part of the image tower."""
+
+    mode: Literal["lora", "full"] = "lora"
+    rank: int = 8
+    alpha: float = 8.0
+    # Module names inside the image tower; None picks them by tower type (adapters.py).
+    target_modules: list[str] | None = None
+    # CNN trunks: how many of the last blocks get LoRA on their linear / 1x1-conv layers.
+    last_blocks: int = 2
+
+
+@dataclass
+class PromptConfig:
+    n_ctx: int = 4
+    ctx_init: str = "a photo of a"
+    # L learnable tokens per task (DMC-OT only); class c uses the tokens of its task.
+    task_tokens: int = 4
+    # Hand-written prompt: stage-1 anchors when `Stage1Config.anchors == "template"`.
+    template: str = "a photo of a {}."
+    train_old_task_tokens: bool = False
+
+
+@dataclass
+class Stage1Config:
+    """Vision adaptation with the text side frozen."""
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    anchors: Literal["prompts", "template"] = "prompts"
+    loss_classes: Literal["task", "seen"] = "task"
+    augment: bool = True
+
+
+@dataclass
+class Stage2Config:
+    """Prompt learning with the vision side frozen."""
+
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 2e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    # N_s Gaussian samples per old class per epoch; 0 trains on new data only (no replay).
+    samples_per_old_class: int = 256
+
+
+@dataclass
+class CalibrationConfig:
+    """DMC-OT's optimal-transport calibration of the old classes' statistics."""
+
+    method: str = "sinkhorn"
+    samples_per_class: int = 128
+    reg: float = 0.05
+
+
+@dataclass
+class LearnerConfig:
+    method: Method = "dmc_ot"
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    # s in s * cos(f(x), w_c); None uses the backbone's own (frozen) logit scale.
+    logit_scale: float | None = None
+    min_images_per_class: int = 2
+    seed: int = 0
+    device: str = "cpu"
+    # "bf16" autocasts the forward passes on CUDA; weights stay fp32.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    feature_batch_size: int = 128
+
+    @property
+    def uses_task_tokens(self) -> bool:
+        return self.method == "dmc_ot" and self.prompts.task_tokens > 0
+
+    @property
+    def uses_calibration(self) -> bool:
+        return self.method == "dmc_ot"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LearnerConfig:
+        return _from_dict(cls, data)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> LearnerConfig:
+        """Apply dotted-key overrides such as {"stage1.epochs": 1}."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            *parents, leaf = dotted.split(".")
+            node = data
+            for key in parents:
+                if not isinstance(node.get(key), dict):
+                    raise ValueError(f"unknown config key {dotted!r}")
+                node = node[key]
+            if leaf not in node:
+                raise ValueError(f"unknown config key {dotted!r}")
+            node[leaf] = value
+        return LearnerConfig.from_dict(data)
+
+
+T = TypeVar("T")
+
+
+def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build a (nested) dataclass from a dict, refusing keys it does not know."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}; known: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = _from_dict(hint, value)  # type: ignore[arg-type]
+        else:
+            kwargs[name] = value
+    config = cls(**kwargs)
+    if isinstance(config, LearnerConfig) and config.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    return config

@@ -1,0 +1,415 @@
+"""The DMC / DMC-OT learner: one task at a time, no stored images (METHOD.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, Dataset
+
+from dmc_core.adapters import attach_adapter, merge_adapter, trainable_parameters
+from dmc_core.backbone import Backbone
+from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
+from dmc_core.config import LearnerConfig
+from dmc_core.memory import GaussianMemory
+from dmc_core.prompts import PromptLearner
+from dmc_core.text import text_tower_for
+
+ProgressCallback = Callable[[str, int, int], None]
+"""Called as progress(stage, step, total) while a task is learned."""
+
+STAGES = ("encode", "stage1", "memory", "stage2")
+
+
+class TaskError(ValueError):
+    """A task that cannot be learned as given; the message says what to fix."""
+
+
+@dataclass
+class ClassInfo:
+    name: str
+    task: int
+
+
+@dataclass
+class Prediction:
+    names: list[str]
+    probabilities: list[float]
+    indices: list[int]
+
+
+@dataclass
+class TaskReport:
+    """What one `learn_task` did, for logs and version metrics."""
+
+    task: int
+    class_names: list[str]
+    images_per_class: dict[str, int]
+    stage1_loss: float | None = None
+    stage1_train_accuracy: float | None = None
+    stage2_loss: float | None = None
+    train_accuracy: float | None = None
+    calibration: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Images(Dataset[tuple[torch.Tensor, int]]):
+    def __init__(
+        self, images: Sequence[Any], labels: Sequence[int], transform: Callable[[Any], torch.Tensor]
+    ) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[index]), int(self.labels[index])
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+
+def _report_calibration(report: CalibrationReport) -> dict[str, Any]:
+    return {
+        "method": report.method,
+        "classes": report.class_indices,
+        "mean_shift": report.mean_shift.tolist(),
+        "covariance_shift": report.covariance_shift.tolist(),
+        "marginal_error": report.marginal_error,
+    }
+
+
+class Learner:
+    """Class-incremental learner on an open_clip backbone.
+
+    State that persists across tasks: the image-tower adapter, the prompt learner (shared
+    context and task tokens) and the Gaussian memory. The text tower never changes.
+    """
+
+    def __init__(self, backbone: Backbone, config: LearnerConfig | None = None) -> None:
+        self.backbone = backbone
+        self.config = config or LearnerConfig()
+        self.device = torch.device(self.config.device)
+        model = backbone.model.to(self.device)
+        model.requires_grad_(False)
+        model.eval()
+        torch.manual_seed(self.config.seed)
+        self.adapter_targets = attach_adapter(backbone.visual, self.config.adapter)
+        self.text_tower = text_tower_for(model, backbone.tokenizer)
+        n_task_tokens = self.config.prompts.task_tokens if self.config.uses_task_tokens else 0
+        self.prompts = PromptLearner(self.text_tower, self.config.prompts, n_task_tokens)
+        self.prompts.to(self.device)
+        self.memory = GaussianMemory(self.config.memory)
+        self.merged = False
+        self._prototypes: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def classes(self) -> list[ClassInfo]:
+        return [
+            ClassInfo(name, task)
+            for name, task in zip(self.prompts.class_names, self.prompts.class_tasks, strict=True)
+        ]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.prompts.class_names)
+
+    @property
+    def n_tasks(self) -> int:
+        return self.prompts.n_tasks
+
+    @property
+    def logit_scale(self) -> float:
+        return self.config.logit_scale or self.backbone.logit_scale
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        enabled = self.config.precision == "bf16" and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Un-normalised image embeddings of a preprocessed batch, in float32."""
+        with self._autocast():
+            return self.backbone.model.encode_image(pixels.to(self.device)).float()
+
+    def text_prototypes(self) -> torch.Tensor:
+        """L2-normalised text features of every seen class, cached until the prompts change."""
+        if self._prototypes is None:
+            with torch.inference_mode(), self._autocast():
+                self._prototypes = F.normalize(self.prompts().float(), dim=-1)
+        return self._prototypes
+
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        # `cached` computes each LoRA-adapted weight once per call, not once per use.
+        with torch.inference_mode(), parametrize.cached():
+            features = F.normalize(self.encode_images(pixels), dim=-1)
+            return self.logit_scale * features @ self.text_prototypes().T
+
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        return torch.stack([self.backbone.preprocess_val(image) for image in images])
+
+    def predict(self, images: Sequence[Any] | torch.Tensor, top_k: int = 5) -> list[Prediction]:
+        """Top-k class names and probabilities for PIL images or a preprocessed batch."""
+        if not self.class_names:
+            raise TaskError("no class has been learned yet")
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        predictions: list[Prediction] = []
+        for batch in pixels.split(self.config.feature_batch_size):
+            probabilities = self.logits(batch).softmax(dim=-1)
+            top = probabilities.topk(min(top_k, probabilities.shape[1]), dim=-1)
+            for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                names = [self.prompts.class_names[i] for i in indices]
+                predictions.append(Prediction(names, values, indices))
+        return predictions
+
+    def merge_for_inference(self) -> None:
+        """Fold the LoRA adapter into the image tower (faster predict; no more learning)."""
+        merge_adapter(self.backbone.visual)
+        self.merged = True
+
+    # ----------------------------------------------------------------- learning
+    def learn_task(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        progress: ProgressCallback | None = None,
+    ) -> TaskReport:
+        """Learn new classes: stage 1, memory update (+ OT calibration), stage 2.
+
+        `labels[i]` indexes `class_names`. Images are whatever the backbone's transforms
+        take (PIL images). Nothing of them is kept afterwards but class statistics.
+        """
+        class_names = list(class_names)
+        self._validate_task(images, labels, class_names)
+        progress = progress or (lambda stage, step, total: None)
+        task_index = self.n_tasks
+        seed = self.config.seed * 1_000_003 + task_index
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        report = TaskReport(
+            task=task_index,
+            class_names=class_names,
+            images_per_class={
+                n: sum(1 for y in labels if y == i) for i, n in enumerate(class_names)
+            },
+        )
+        timer = time.perf_counter()
+        first_new = len(self.class_names)
+        self.prompts.add_task(class_names)
+        self._prototypes = None
+        local_labels = torch.tensor(list(labels), dtype=torch.long)
+
+        calibrate = self.config.uses_calibration and len(self.memory) > 0
+        old_features = self._encode_dataset(images, labels, progress) if calibrate else None
+        report.seconds["encode_old"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        report.stage1_loss, report.stage1_train_accuracy = self._stage1(
+            images, local_labels, first_new, generator, progress
+        )
+        report.seconds["stage1"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        new_features = self._encode_dataset(images, labels, progress)
+        if old_features is not None:
+            calibration = _make_calibrator(self.config).calibrate(
+                self.memory, old_features, new_features, local_labels, generator
+            )
+            report.calibration = _report_calibration(calibration)
+        for i in range(len(class_names)):
+            self.memory.add_class(first_new + i, new_features[local_labels == i])
+        progress("memory", 1, 1)
+        report.seconds["memory"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        report.stage2_loss = self._stage2(
+            new_features, local_labels + first_new, generator, progress
+        )
+        self._prototypes = None
+        report.seconds["stage2"] = time.perf_counter() - timer
+        report.train_accuracy = self._feature_accuracy(new_features, local_labels + first_new)
+        return report
+
+    def _validate_task(
+        self, images: Sequence[Any], labels: Sequence[int], class_names: list[str]
+    ) -> None:
+        if self.merged:
+            raise TaskError("the adapter was merged for inference; load the state again to learn")
+        if not class_names:
+            raise TaskError("a task needs at least one class")
+        for name in class_names:
+            if not name or not name.strip():
+                raise TaskError("class names must not be empty")
+        duplicates = {n for n in class_names if class_names.count(n) > 1}
+        if duplicates:
+            raise TaskError(f"class names repeat within the task: {sorted(duplicates)}")
+        known = set(class_names) & set(self.class_names)
+        if known:
+            raise TaskError(f"classes already learned: {sorted(known)}")
+        if len(images) != len(labels):
+            raise TaskError(f"{len(images)} images but {len(labels)} labels")
+        if any(not 0 <= y < len(class_names) for y in labels):
+            raise TaskError(f"labels must be in [0, {len(class_names)})")
+        for i, name in enumerate(class_names):
+            count = sum(1 for y in labels if y == i)
+            if count < self.config.min_images_per_class:
+                raise TaskError(
+                    f"class {name!r} has {count} images; at least "
+                    f"{self.config.min_images_per_class} are needed"
+                )
+
+    def _loader(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        transform: Callable[[Any], torch.Tensor],
+        batch_size: int,
+        generator: torch.Generator | None,
+    ) -> DataLoader[tuple[torch.Tensor, int]]:
+        return DataLoader(
+            _Images(images, labels, transform),
+            batch_size=batch_size,
+            shuffle=generator is not None,
+            generator=generator,
+        )
+
+    def _encode_dataset(
+        self, images: Sequence[Any], labels: Sequence[int], progress: ProgressCallback
+    ) -> torch.Tensor:
+        loader = self._loader(
+            images, labels, self.backbone.preprocess_val, self.config.feature_batch_size, None
+        )
+        chunks = []
+        with torch.inference_mode():
+            for step, (pixels, _) in enumerate(loader, 1):
+                chunks.append(self.encode_images(pixels).cpu())
+                progress("encode", step, len(loader))
+        return torch.cat(chunks)
+
+    def _anchor_features(self, first_new: int) -> tuple[torch.Tensor, int]:
+        """Stage-1 anchors (normalised) and the global index of their first class."""
+        cfg = self.config
+        offset = first_new if cfg.stage1.loss_classes == "task" else 0
+        with torch.inference_mode(), self._autocast():
+            if cfg.stage1.anchors == "template":
+                names = self.class_names[offset:]
+                tokens = self.text_tower.tokenize([cfg.prompts.template.format(n) for n in names])
+                features = self.backbone.model.encode_text(tokens)
+            else:
+                features = self.prompts()[offset:]
+        return F.normalize(features.float(), dim=-1).clone(), offset
+
+    def _stage1(
+        self,
+        images: Sequence[Any],
+        local_labels: torch.Tensor,
+        first_new: int,
+        generator: torch.Generator,
+        progress: ProgressCallback,
+    ) -> tuple[float | None, float | None]:
+        cfg = self.config.stage1
+        if cfg.epochs <= 0:
+            return None, None
+        anchors, offset = self._anchor_features(first_new)
+        targets = (local_labels + first_new - offset).tolist()
+        transform = self.backbone.preprocess_train if cfg.augment else self.backbone.preprocess_val
+        loader = self._loader(images, targets, transform, cfg.batch_size, generator)
+        params = trainable_parameters(self.backbone.visual)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = cfg.epochs * len(loader)
+        scheduler = _cosine_schedule(optimizer, total)
+        # The tower stays in eval mode: batch-norm statistics are part of the frozen
+        # backbone (they are not in the saved state), and LoRA needs no dropout.
+        step, loss_sum, correct, seen = 0, 0.0, 0, 0
+        for _ in range(cfg.epochs):
+            loss_sum, correct, seen = 0.0, 0, 0
+            for pixels, y in loader:
+                y = y.to(self.device)
+                features = F.normalize(self.encode_images(pixels), dim=-1)
+                logits = self.logit_scale * features @ anchors.T
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                correct += int((logits.argmax(dim=-1) == y).sum())
+                seen += len(y)
+                progress("stage1", step, total)
+        return loss_sum / seen, correct / seen
+
+    def _stage2(
+        self,
+        new_features: torch.Tensor,
+        global_labels: torch.Tensor,
+        generator: torch.Generator,
+        progress: ProgressCallback,
+    ) -> float | None:
+        cfg = self.config.stage2
+        if cfg.epochs <= 0:
+            return None
+        first_new = int(global_labels.min())
+        old_classes = [c for c in self.memory.class_indices if c < first_new]
+        n_replay = cfg.samples_per_old_class if old_classes else 0
+        n_per_epoch = len(new_features) + n_replay * len(old_classes)
+        steps_per_epoch = math.ceil(n_per_epoch / cfg.batch_size)
+        total = cfg.epochs * steps_per_epoch
+        params = self.prompts.trainable_parameters(self.config.prompts.train_old_task_tokens)
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        scheduler = _cosine_schedule(optimizer, total)
+        step, loss_sum = 0, 0.0
+        for _ in range(cfg.epochs):
+            features, labels = new_features, global_labels
+            if n_replay:
+                replay = [self.memory.sample(c, n_replay, generator) for c in old_classes]
+                features = torch.cat([features, torch.cat(replay).float()])
+                labels = torch.cat([labels, torch.tensor(old_classes).repeat_interleave(n_replay)])
+            order = torch.randperm(len(features), generator=generator)
+            loss_sum = 0.0
+            for batch in order.split(cfg.batch_size):
+                x = F.normalize(features[batch].to(self.device), dim=-1)
+                y = labels[batch].to(self.device)
+                with self._autocast():
+                    prototypes = F.normalize(self.prompts().float(), dim=-1)
+                logits = self.logit_scale * x @ prototypes.T
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += loss.item() * len(y)
+                progress("stage2", step, total)
+        return loss_sum / n_per_epoch
+
+    def _feature_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        with torch.inference_mode():
+            x = F.normalize(features.to(self.device), dim=-1)
+            predicted = (x @ self.text_prototypes().T).argmax(dim=-1).cpu()
+        return float((predicted == labels).float().mean())
+
+
+def _make_calibrator(config: LearnerConfig) -> Calibrator:
+    """The configured calibrator with the options that apply to it."""
+    options = dataclasses.asdict(config.calibration)
+    calibrator = get_calibrator(options.pop("method"))
+    applicable = {k: v for k, v in options.items() if hasattr(calibrator, k)}
+    return dataclasses.replace(calibrator, **applicable)  # type: ignore[type-var]

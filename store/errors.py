@@ -1,0 +1,104 @@
+"""Exceptions raised by the store. Every one derives from `StoreError`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class StoreError(Exception):
+    """Base class of every error the store raises on purpose."""
+
+
+class VersionNotFoundError(StoreError, LookupError):
+    def __init__(self, version_id: int) -> None:
+        super().__init__(f"model version {version_id} does not exist")
+        self.version_id = version_id
+
+
+class VersionInUseError(StoreError):
+    """A version cannot be deleted: an alias points at it or other versions build on it."""
+
+    def __init__(self, version_id: int, reason: str) -> None:
+        super().__init__(f"model version {version_id} cannot be deleted: {reason}")
+        self.version_id = version_id
+        self.reason = reason
+
+
+class StaleParentError(StoreError):
+    """`publish(..., require_newest_parent=True)` found a newer version than the parent."""
+
+    def __init__(self, parent_id: int | None, newest_id: int | None) -> None:
+        super().__init__(
+            f"the state was built on version {parent_id}, but the newest version is "
+            f"{newest_id}; rebuild it on the newest version"
+        )
+        self.parent_id = parent_id
+        self.newest_id = newest_id
+
+
+class DuplicateClassError(StoreError):
+    """Class names are unique across all versions."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = sorted(set(names))
+        super().__init__(f"these classes already exist: {', '.join(self.names)}")
+
+
+class ObjectNotFoundError(StoreError, LookupError):
+    def __init__(self, key: str) -> None:
+        super().__init__(f"no object at {key!r}")
+        self.key = key
+
+
+class ObjectIntegrityError(StoreError):
+    """An object's content does not match the sha256 recorded for it."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"object {key!r} is corrupt: sha256 {actual} instead of the recorded {expected}"
+        )
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class StateIntegrityError(StoreError):
+    """A version's stored state is missing a blob or a blob was altered; it is refused."""
+
+    def __init__(self, version_id: int, detail: str) -> None:
+        super().__init__(f"the state of model version {version_id} is refused: {detail}")
+        self.version_id = version_id
+        self.detail = detail
+
+
+class TaskNotFoundError(StoreError, LookupError):
+    def __init__(self, task_id: int) -> None:
+        super().__init__(f"task {task_id} does not exist")
+        self.task_id = task_id
+
+
+class JobNotFoundError(StoreError, LookupError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"job {job_id} does not exist")
+        self.job_id = job_id
+
+
+class JobStateError(StoreError):
+    """A job transition that its current state does not allow (e.g. cancelling a finished job)."""
+
+    def __init__(self, job_id: int, state: str, action: str) -> None:
+        super().__init__(f"job {job_id} is {state}; it cannot be {action}")
+        self.job_id = job_id
+        self.state = state
+        self.action = action
+
+
+class IdempotencyConflictError(StoreError):
+    """An idempotency key was reused for a different upload."""
+
+    def __init__(self, key: str, task_id: int) -> None:
+        super().__init__(
+            f"idempotency key {key!r} was already used by task {task_id} with different classes"
+        )
+        self.key = key
+        self.task_id = task_id

@@ -1,0 +1,416 @@
+"""The model-version registry: publish, activate (and roll back), read, load, delete, collect."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, delete, func, literal, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from store.db import Database
+from store.errors import (
+    DuplicateClassError,
+    ObjectIntegrityError,
+    ObjectNotFoundError,
+    StaleParentError,
+    StateIntegrityError,
+    TaskNotFoundError,
+    VersionInUseError,
+    VersionNotFoundError,
+)
+from store.garbage import collect_unreferenced
+from store.models import ACTIVE_ALIAS, Alias, ClassRecord, Task, Version, utcnow
+from store.objects import ObjectStore, fresh_prefix, state_checksum, validate_key
+
+log = logging.getLogger(__name__)
+
+VERSIONS_ROOT = "versions"
+
+# A state: a folder of files (what dmc_core.state writes), or file name -> content.
+StateSource = Path | str | Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    id: int
+    parent_id: int | None
+    created_at: datetime
+    class_count: int
+    metrics: dict[str, Any]
+    state_location: str
+    checksum: str
+    files: dict[str, str]  # file name -> sha256
+    size_bytes: int
+    new_classes: tuple[str, ...] = field(default=())
+
+
+class Registry:
+    def __init__(
+        self, db: Database, objects: ObjectStore, *, gc_grace_seconds: float = 3600.0
+    ) -> None:
+        self.db = db
+        self.objects = objects
+        self.gc_grace_seconds = gc_grace_seconds
+
+    # --- writing -------------------------------------------------------------------
+
+    def publish(
+        self,
+        state: StateSource,
+        *,
+        parent_id: int | None,
+        metrics: Mapping[str, Any] | None = None,
+        new_classes: Sequence[str] = (),
+        task_id: int | None = None,
+        class_count: int | None = None,
+        activate: bool = False,
+        require_newest_parent: bool = False,
+    ) -> VersionInfo:
+        """Store `state` as a new version built on `parent_id` and return it.
+
+        The blobs are written first under a fresh prefix; then one transaction inserts the
+        version, the classes it introduced (names are unique across versions) and, with
+        `activate`, moves the `active` alias. `parent_id` is recorded as given; with
+        `require_newest_parent` the publish is refused (`StaleParentError`) unless the parent
+        is still the newest version. `class_count` defaults to the parent's plus the new.
+        """
+        sources = _state_sources(state)
+        names = _validate_class_names(new_classes)
+        location = fresh_prefix(VERSIONS_ROOT)
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            for name, source in sources:
+                key = location + name
+                if isinstance(source, bytes):
+                    digest, size = self.objects.put_bytes(key, source), len(source)
+                else:
+                    digest, size = self.objects.put_file(key, source), source.stat().st_size
+                files[name] = {"sha256": digest, "size": size}
+            checksum = state_checksum({n: f["sha256"] for n, f in files.items()})
+            try:
+                with self.db.write() as session:
+                    info = self._insert(
+                        session,
+                        parent_id=parent_id,
+                        metrics=dict(metrics or {}),
+                        names=names,
+                        task_id=task_id,
+                        class_count=class_count,
+                        location=location,
+                        checksum=checksum,
+                        files=files,
+                        activate=activate,
+                        require_newest_parent=require_newest_parent,
+                    )
+            except IntegrityError as error:
+                if names:
+                    with self.db.read() as session:
+                        taken = _taken_names(session, names)
+                    if taken:
+                        raise DuplicateClassError(taken) from error
+                raise
+        except Exception:
+            # Best effort; whatever is left (or a crash) is the garbage collector's.
+            try:
+                self.objects.delete_prefix(location)
+            except Exception:
+                log.warning("could not remove the blobs of a failed publish at %s", location)
+            raise
+        log.info("published version %d (parent %s) at %s", info.id, parent_id, location)
+        return info
+
+    def _insert(
+        self,
+        session: Session,
+        *,
+        parent_id: int | None,
+        metrics: dict[str, Any],
+        names: tuple[str, ...],
+        task_id: int | None,
+        class_count: int | None,
+        location: str,
+        checksum: str,
+        files: dict[str, dict[str, Any]],
+        activate: bool,
+        require_newest_parent: bool,
+    ) -> VersionInfo:
+        # Publishers (and deleters) take turns, so the checks below hold until commit.
+        self.db.lock_table(session, Version.__tablename__)
+        parent = None
+        if parent_id is not None:
+            parent = session.get(Version, parent_id)
+            if parent is None:
+                raise VersionNotFoundError(parent_id)
+        if task_id is not None and session.get(Task, task_id) is None:
+            raise TaskNotFoundError(task_id)
+        if require_newest_parent:
+            newest = session.scalar(select(func.max(Version.id)))
+            if newest != parent_id:
+                raise StaleParentError(parent_id, newest)
+        if names:
+            taken = _taken_names(session, names)
+            if taken:
+                raise DuplicateClassError(taken)
+        if class_count is None:
+            class_count = (parent.class_count if parent else 0) + len(names)
+        row = Version(
+            parent_id=parent_id,
+            created_at=utcnow(),
+            class_count=class_count,
+            metrics=metrics,
+            state_location=location,
+            checksum=checksum,
+            files=files,
+        )
+        session.add(row)
+        session.flush()
+        session.add_all(
+            ClassRecord(name=name, ordinal=i, version_id=row.id, task_id=task_id)
+            for i, name in enumerate(names)
+        )
+        if activate:
+            _point_alias(session, ACTIVE_ALIAS, row.id)
+        session.flush()
+        return _info(row, names)
+
+    def activate(self, version_id: int) -> VersionInfo:
+        """Make `version_id` the active version; activating an older one is a rollback."""
+        with self.db.write() as session:
+            row = session.get(Version, version_id)
+            if row is None:
+                raise VersionNotFoundError(version_id)
+            _point_alias(session, ACTIVE_ALIAS, version_id)
+            info = _info(row, _new_classes(session, version_id))
+        log.info("version %d is now active", version_id)
+        return info
+
+    def delete(self, version_id: int) -> None:
+        """Delete a version and its blobs; refused while an alias points at it or other
+        versions build on it (their lineage would lose classes)."""
+        with self.db.write() as session:
+            self.db.lock_table(session, Version.__tablename__)
+            row = session.get(Version, version_id)
+            if row is None:
+                raise VersionNotFoundError(version_id)
+            aliases = session.scalars(
+                select(Alias.name).where(Alias.version_id == version_id).order_by(Alias.name)
+            ).all()
+            if ACTIVE_ALIAS in aliases:
+                raise VersionInUseError(
+                    version_id, "it is the active version; activate another version first"
+                )
+            if aliases:
+                raise VersionInUseError(version_id, f"aliases {', '.join(aliases)} point at it")
+            children = session.scalars(
+                select(Version.id).where(Version.parent_id == version_id).order_by(Version.id)
+            ).all()
+            if children:
+                listed = ", ".join(str(c) for c in children)
+                raise VersionInUseError(version_id, f"versions {listed} build on it")
+            location = row.state_location
+            try:
+                session.execute(delete(Version).where(Version.id == version_id))
+                session.flush()
+            except IntegrityError as error:
+                raise VersionInUseError(version_id, "it is referenced") from error
+        try:
+            self.objects.delete_prefix(location)
+        except Exception:
+            log.warning("could not remove the blobs of deleted version %d", version_id)
+        log.info("deleted version %d", version_id)
+
+    def collect_garbage(self, *, grace_seconds: float | None = None) -> builtins.list[str]:
+        """Remove version blobs no version row references; return the removed keys."""
+
+        def referenced() -> set[str]:
+            with self.db.read() as session:
+                return set(session.scalars(select(Version.state_location)))
+
+        grace = self.gc_grace_seconds if grace_seconds is None else grace_seconds
+        return collect_unreferenced(self.objects, VERSIONS_ROOT, referenced, grace)
+
+    # --- reading -------------------------------------------------------------------
+
+    def get(self, version_id: int) -> VersionInfo:
+        with self.db.read() as session:
+            row = session.get(Version, version_id)
+            if row is None:
+                raise VersionNotFoundError(version_id)
+            return _info(row, _new_classes(session, version_id))
+
+    def list(self, *, limit: int | None = None, offset: int = 0) -> builtins.list[VersionInfo]:
+        """Versions, newest first."""
+        query = select(Version).order_by(Version.id.desc()).offset(offset).limit(limit)
+        return self._infos(query)
+
+    def active(self) -> VersionInfo | None:
+        query = select(Version).join(Alias, Alias.version_id == Version.id)
+        return next(iter(self._infos(query.where(Alias.name == ACTIVE_ALIAS))), None)
+
+    def newest(self) -> VersionInfo | None:
+        """The version an update should build on."""
+        return next(iter(self.list(limit=1)), None)
+
+    def class_names(self, version_id: int) -> builtins.list[str]:
+        """Every class of a version, in label order: its ancestors' first, then its own."""
+        lineage = (
+            select(Version.id, Version.parent_id, literal(0).label("depth"))
+            .where(Version.id == version_id)
+            .cte("lineage", recursive=True)
+        )
+        lineage = lineage.union_all(
+            select(Version.id, Version.parent_id, lineage.c.depth + 1).join(
+                lineage, Version.id == lineage.c.parent_id
+            )
+        )
+        query = (
+            select(ClassRecord.name)
+            .join(lineage, ClassRecord.version_id == lineage.c.id)
+            .order_by(lineage.c.depth.desc(), ClassRecord.ordinal)
+        )
+        with self.db.read() as session:
+            if session.get(Version, version_id) is None:
+                raise VersionNotFoundError(version_id)
+            return builtins.list(session.scalars(query))
+
+    def load_state(self, version_id: int, dest: Path | str | None = None) -> Path:
+        """Materialise a version's state as a folder and return its path.
+
+        `dest` must not exist or be an empty folder; None makes a fresh temporary folder.
+        Each blob is checked against its recorded sha256 and the file list against the
+        version checksum; on any mismatch nothing is left at `dest` and
+        `StateIntegrityError` is raised.
+        """
+        info = self.get(version_id)
+        if state_checksum(info.files) != info.checksum:
+            raise StateIntegrityError(
+                version_id, "its recorded file list does not match the version checksum"
+            )
+        if dest is None:
+            target = Path(tempfile.mkdtemp(prefix=f"dmc-version-{version_id}-"))
+            staging = target
+        else:
+            target = Path(dest)
+            if target.exists() and (not target.is_dir() or any(target.iterdir())):
+                raise FileExistsError(f"{target} exists and is not an empty folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            for name, digest in sorted(info.files.items()):
+                key = info.state_location + name
+                try:
+                    self.objects.get_file(key, staging.joinpath(*name.split("/")), sha256=digest)
+                except ObjectIntegrityError as error:
+                    raise StateIntegrityError(
+                        version_id,
+                        f"file {name!r} was altered (sha256 {error.actual}, "
+                        f"recorded {error.expected})",
+                    ) from error
+                except ObjectNotFoundError as error:
+                    raise StateIntegrityError(version_id, f"file {name!r} is missing") from error
+            if staging != target:
+                os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def _infos(self, query: Select[Version]) -> builtins.list[VersionInfo]:
+        with self.db.read() as session:
+            rows = session.scalars(query).all()
+            classes: dict[int, builtins.list[str]] = {row.id: [] for row in rows}
+            if rows:
+                records = session.execute(
+                    select(ClassRecord.version_id, ClassRecord.name)
+                    .where(ClassRecord.version_id.in_(classes))
+                    .order_by(ClassRecord.version_id, ClassRecord.ordinal)
+                )
+                for vid, name in records:
+                    classes[vid].append(name)
+            return [_info(row, classes[row.id]) for row in rows]
+
+
+def _info(row: Version, new_classes: Sequence[str]) -> VersionInfo:
+    return VersionInfo(
+        id=row.id,
+        parent_id=row.parent_id,
+        created_at=row.created_at,
+        class_count=row.class_count,
+        metrics=dict(row.metrics),
+        state_location=row.state_location,
+        checksum=row.checksum,
+        files={name: f["sha256"] for name, f in row.files.items()},
+        size_bytes=sum(int(f.get("size", 0)) for f in row.files.values()),
+        new_classes=tuple(new_classes),
+    )
+
+
+def _new_classes(session: Session, version_id: int) -> list[str]:
+    return list(
+        session.scalars(
+            select(ClassRecord.name)
+            .where(ClassRecord.version_id == version_id)
+            .order_by(ClassRecord.ordinal)
+        )
+    )
+
+
+def _taken_names(session: Session, names: Sequence[str]) -> list[str]:
+    return list(session.scalars(select(ClassRecord.name).where(ClassRecord.name.in_(names))))
+
+
+def _point_alias(session: Session, name: str, version_id: int) -> None:
+    dialect = session.get_bind().dialect.name
+    values = {"name": name, "version_id": version_id, "updated_at": utcnow()}
+    update = {"version_id": version_id, "updated_at": values["updated_at"]}
+    if dialect == "postgresql":
+        pg = postgresql.insert(Alias).values(**values)
+        session.execute(pg.on_conflict_do_update(index_elements=[Alias.name], set_=update))
+    elif dialect == "sqlite":
+        lite = sqlite.insert(Alias).values(**values)
+        session.execute(lite.on_conflict_do_update(index_elements=[Alias.name], set_=update))
+    else:
+        session.merge(Alias(**values))
+
+
+def _state_sources(state: StateSource) -> list[tuple[str, bytes | Path]]:
+    if isinstance(state, Mapping):
+        sources: list[tuple[str, bytes | Path]] = [
+            (validate_key(str(name)), bytes(data)) for name, data in state.items()
+        ]
+    else:
+        root = Path(state)
+        if not root.is_dir():
+            raise NotADirectoryError(f"a state is a folder of files; {root} is not a folder")
+        sources = [
+            (validate_key(path.relative_to(root).as_posix()), path)
+            for path in sorted(root.rglob("*"))
+            if path.is_file()
+        ]
+    if not sources:
+        raise ValueError("the state holds no files")
+    return sorted(sources, key=lambda item: item[0])
+
+
+def _validate_class_names(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise TypeError("new_classes is a sequence of class names, not one string")
+    cleaned = tuple(names)
+    for name in cleaned:
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise ValueError(f"invalid class name {name!r}: 1 to 200 characters, not blank")
+    duplicates = sorted({n for n in cleaned if cleaned.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"class names given more than once: {', '.join(duplicates)}")
+    return cleaned

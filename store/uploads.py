@@ -1,0 +1,107 @@
+"""The uploaded images of a task, kept in the object store until its job has published."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from store.errors import StoreError
+from store.garbage import collect_unreferenced
+from store.jobs import Jobs
+from store.objects import ObjectStore, fresh_prefix
+
+log = logging.getLogger(__name__)
+
+TASKS_ROOT = "tasks"
+_MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    class_name: str
+    filename: str
+    data: bytes
+
+
+class TaskUploads:
+    def __init__(
+        self,
+        objects: ObjectStore,
+        jobs: Jobs,
+        *,
+        keep_uploads: bool = False,
+        gc_grace_seconds: float = 3600.0,
+    ) -> None:
+        self.objects = objects
+        self.jobs = jobs
+        self.keep_uploads = keep_uploads
+        self.gc_grace_seconds = gc_grace_seconds
+
+    def save(self, images: Iterable[UploadedImage]) -> str:
+        """Store the images under a fresh prefix and return it (the task's uploads location).
+
+        Save before `Jobs.submit`, so a job never starts without its images.
+        """
+        location = fresh_prefix(TASKS_ROOT)
+        entries: list[dict[str, Any]] = []
+        try:
+            for index, image in enumerate(images):
+                key = f"{location}images/{index:06d}"
+                digest = self.objects.put_bytes(key, image.data)
+                entries.append(
+                    {
+                        "class_name": image.class_name,
+                        "filename": image.filename,
+                        "key": key[len(location) :],
+                        "sha256": digest,
+                    }
+                )
+            if not entries:
+                raise ValueError("an upload needs at least one image")
+            manifest = json.dumps({"images": entries}, ensure_ascii=False).encode()
+            self.objects.put_bytes(location + _MANIFEST, manifest)
+        except Exception:
+            self.discard(location)
+            raise
+        return location
+
+    def load(self, location: str) -> list[UploadedImage]:
+        """The images saved at `location`, each checked against its recorded sha256."""
+        try:
+            manifest = json.loads(self.objects.get_bytes(location + _MANIFEST))
+            entries = manifest["images"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise StoreError(f"the uploads manifest at {location} is unreadable") from error
+        return [
+            UploadedImage(
+                class_name=entry["class_name"],
+                filename=entry["filename"],
+                data=self.objects.get_bytes(location + entry["key"], sha256=entry["sha256"]),
+            )
+            for entry in entries
+        ]
+
+    def release(self, task_id: int) -> bool:
+        """Delete a task's images (call it once its job has published a version), unless
+        the settings keep uploads. Returns whether anything was deleted."""
+        task = self.jobs.get_task(task_id)
+        if self.keep_uploads or task.uploads_location is None:
+            return False
+        self.jobs.set_uploads_location(task_id, None)
+        self.discard(task.uploads_location)
+        return True
+
+    def discard(self, location: str) -> None:
+        """Delete the images at `location` now (e.g. the duplicate of a replayed upload)."""
+        try:
+            self.objects.delete_prefix(location)
+        except Exception:
+            log.warning("could not delete the uploads at %s; the collector will", location)
+
+    def collect_garbage(self, *, grace_seconds: float | None = None) -> list[str]:
+        """Remove uploads no task references (saved, then the request failed or crashed)."""
+        grace = self.gc_grace_seconds if grace_seconds is None else grace_seconds
+        return collect_unreferenced(self.objects, TASKS_ROOT, self.jobs.uploads_locations, grace)
