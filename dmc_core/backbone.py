@@ -61,6 +61,9 @@ class BackboneSpec:
     name: str
     pretrained: str | None = None
     checkpoint: str | None = None
+    # Input resolution other than the model config's (open_clip's force_image_size); a
+    # smaller one makes CNN backbones much cheaper on CPU.
+    image_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +78,8 @@ class BackboneSpec:
         weights = self.pretrained or ""
         if self.checkpoint:
             weights = f"file:{Path(self.checkpoint).name}"
-        return f"{self.name}@{weights}" if weights else self.name
+        identifier = f"{self.name}@{weights}" if weights else self.name
+        return f"{identifier}:{self.image_size}px" if self.image_size else identifier
 
 
 @dataclass
@@ -168,6 +172,7 @@ def load_backbone(
             pretrained=None if name.startswith("local-dir:") else weights,
             device=device,
             precision=precision,
+            force_image_size=spec.image_size,
             **_text_cfg_overrides(name),
         )
     except RuntimeError as error:
@@ -187,7 +192,7 @@ def load_backbone(
 def save_checkpoint(model: nn.Module, path: Path) -> str:
     """Save the model's weights where `BackboneSpec(checkpoint=path)` loads them; returns sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"state_dict": model.state_dict()}, tmp)
     os.replace(tmp, path)
     return hashlib.sha256(path.read_bytes()).hexdigest()

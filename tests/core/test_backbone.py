@@ -7,6 +7,7 @@ import torch
 from open_clip.hf_model import HFTextEncoder
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.timm_model import TimmModel
+from PIL import Image
 
 from dmc_core.backbone import BackboneError, BackboneSpec, load_backbone, save_checkpoint
 from tests.core.toy import FAMILIES
@@ -50,6 +51,14 @@ def test_checkpoint_round_trip_gives_identical_outputs(family: str, tmp_path: Pa
 def test_spec_id_names_the_weights() -> None:
     assert BackboneSpec("ViT-B-16", pretrained="openai").id == "ViT-B-16@openai"
     assert BackboneSpec("x", checkpoint="/a/b/model.pt").id == "x@file:model.pt"
+    assert BackboneSpec("x", image_size=112).id == "x:112px"
+
+
+def test_image_size_changes_the_input_resolution() -> None:
+    backbone = load_backbone(BackboneSpec("dmc-tiny-cnn-bert", image_size=48))
+    assert backbone.preprocess_val(Image.new("RGB", (100, 80))).shape == (3, 48, 48)
+    with torch.no_grad():
+        assert backbone.model.encode_image(torch.zeros(1, 3, 48, 48)).shape == (1, 32)
 
 
 def test_unknown_model_is_a_clear_error() -> None:

@@ -5,9 +5,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dmc_core.backbone import Backbone
+from dmc_core.backbone import Backbone, BackboneSpec, load_backbone
 from dmc_core.learner import Learner, TaskError
-from tests.core.toy import FAMILIES, colour_images, fast_config
+from tests.core.toy import COLOUR_NAMES, FAMILIES, colour_images, fast_config
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -65,23 +65,21 @@ def test_stage1_trains_only_the_adapter_and_stage2_only_the_prompts(
 
 
 @pytest.fixture(scope="module")
-def two_task_accuracy(
-    checkpoints: dict[str, object],
-) -> dict[str, tuple[float, float]]:
-    from dmc_core.backbone import load_backbone
-
-    results = {}
+def two_task_accuracy(checkpoints: dict[str, BackboneSpec]) -> dict[str, tuple[float, float]]:
+    """(old task, new task) accuracy after two 3-class tasks, per method."""
+    schedule = {"stage1.epochs": 3, "stage1.batch_size": 8, "stage2.epochs": 10}
     variants = {
-        "dmc": fast_config("dmc"),
-        "dmc_ot": fast_config("dmc_ot"),
-        "finetune": fast_config("dmc", **{"stage2.samples_per_old_class": 0}),
+        "dmc": fast_config("dmc", **schedule),
+        "dmc_ot": fast_config("dmc_ot", **schedule),
+        "finetune": fast_config("dmc", **schedule, **{"stage2.samples_per_old_class": 0}),
     }
+    results = {}
     for name, config in variants.items():
-        learner = Learner(load_backbone(checkpoints["dmc-tiny-vit"]), config)  # type: ignore[arg-type]
-        for task, classes in enumerate(([0, 1], [2, 3])):
+        learner = Learner(load_backbone(checkpoints["dmc-tiny-vit"]), config)
+        for task, classes in enumerate(([0, 1, 2], [3, 4, 5])):
             images, labels = colour_images(classes, 20, seed=task)
-            learner.learn_task(images, labels, [f"colour {k}" for k in classes])
-        results[name] = (_accuracy(learner, [0, 1], 0), _accuracy(learner, [2, 3], 2))
+            learner.learn_task(images, labels, [COLOUR_NAMES[k] for k in classes])
+        results[name] = (_accuracy(learner, [0, 1, 2], 0), _accuracy(learner, [3, 4, 5], 3))
     return results
 
 
@@ -89,11 +87,12 @@ def two_task_accuracy(
 def test_old_task_survives_where_finetuning_forgets(
     method: str, two_task_accuracy: dict[str, tuple[float, float]]
 ) -> None:
-    old, _ = two_task_accuracy[method]
+    old, new = two_task_accuracy[method]
     finetune_old, finetune_new = two_task_accuracy["finetune"]
     assert finetune_new >= 0.9  # fine-tuning learns the new task ...
     assert finetune_old <= 0.2  # ... and forgets the old one
-    assert old >= 0.9 and old - finetune_old >= 0.7
+    assert old >= 0.6 and old - finetune_old >= 0.5
+    assert new >= 0.6
 
 
 def test_progress_covers_every_stage_in_order(backbone_factory: Callable[[str], Backbone]) -> None:

@@ -9,6 +9,8 @@ from dmc_core.config import LearnerConfig
 
 FAMILIES = ["dmc-tiny-vit", "dmc-tiny-cnn-bert"]
 
+COLOUR_NAMES = ["red", "green", "blue", "yellow", "magenta", "cyan"]
+
 # Distinct colours: a toy task that a random tiny encoder separates.
 COLOURS = [
     (230, 30, 30),
@@ -41,7 +43,7 @@ def fast_config(method: str = "dmc_ot", **overrides: object) -> LearnerConfig:
         "stage1.batch_size": 16,
         "stage2.epochs": 6,
         "stage2.batch_size": 32,
-        "stage2.lr": 0.05,
+        "stage2.lr": 0.01,
         "stage2.samples_per_old_class": 32,
         "calibration.samples_per_class": 32,
         "feature_batch_size": 64,
