@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +18,11 @@ from PIL import Image
 
 from dmc_core import standin
 from dmc_core.backbone import load_backbone
+from dmc_core.config import LearnerConfig
 from dmc_core.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, to_pil
+from dmc_core.learner import Learner
 from dmc_core.standin import STANDIN_NAME, StandinError, build_standin
+from dmc_core.state import save_state
 
 PHOTO_LABELS = {
     "chelsea": "cat",
@@ -195,3 +199,69 @@ def test_fashion_mnist_loader(tmp_path: Path) -> None:
     assert np.array_equal(np.asarray(inverted[0])[..., 0], 255 - images[0])
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         load_fashion_mnist("train", root=tmp_path)
+
+
+# --- the learner on the stand-in -----------------------------------------------------------
+
+LEARNED_CLASSES = [1, 5]  # trouser, sandal: distinct, yet zero-shot is at chance on them
+
+
+def _two_class_split(split: str, per_class: int) -> tuple[list[Image.Image], list[int]]:
+    images, labels = load_fashion_mnist(split)  # type: ignore[arg-type]
+    index = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in LEARNED_CLASSES])
+    return to_pil(images[index]), [LEARNED_CLASSES.index(int(y)) for y in labels[index]]
+
+
+def _accuracy(learner: Learner, images: list[Image.Image], labels: list[int]) -> float:
+    predictions = learner.predict(images, top_k=1)
+    return float(np.mean([p.indices[0] == y for p, y in zip(predictions, labels, strict=True)]))
+
+
+@pytest.fixture(scope="module")
+def learned(standin_cache: Path) -> tuple[Learner, float, float]:
+    """A DMC learner after one two-class task, its accuracy and the zero-shot accuracy."""
+    names = [FASHION_MNIST_CLASSES[k] for k in LEARNED_CLASSES]
+    train_images, train_labels = _two_class_split("train", 40)
+    test_images, test_labels = _two_class_split("test", 60)
+    untrained = LearnerConfig(method="dmc").with_overrides({"stage1.epochs": 0, "stage2.epochs": 0})
+    zero_shot = Learner(load_backbone(STANDIN_NAME, cache_dir=standin_cache), untrained)
+    zero_shot.learn_task(train_images, train_labels, names)  # memory only: prompts untouched
+    config = LearnerConfig(method="dmc").with_overrides(
+        {"stage1.epochs": 2, "stage1.batch_size": 16, "stage2.epochs": 5, "stage2.lr": 0.01}
+    )
+    learner = Learner(load_backbone(STANDIN_NAME, cache_dir=standin_cache), config)
+    learner.learn_task(train_images, train_labels, names)
+    return (
+        learner,
+        _accuracy(learner, test_images, test_labels),
+        _accuracy(zero_shot, test_images, test_labels),
+    )
+
+
+@pytest.mark.slow
+def test_learning_a_task_lifts_accuracy_far_above_zero_shot(
+    learned: tuple[Learner, float, float],
+) -> None:
+    _, accuracy, zero_shot = learned
+    print(f"trouser vs sandal: zero-shot {zero_shot:.1%}, after DMC {accuracy:.1%}")
+    assert accuracy >= 0.8 and accuracy - zero_shot >= 0.2
+
+
+@pytest.mark.slow
+def test_state_round_trip_in_a_fresh_process(
+    learned: tuple[Learner, float, float], standin_cache: Path, tmp_path: Path
+) -> None:
+    learner, _, _ = learned
+    save_state(learner, tmp_path / "state")
+    images, _ = _two_class_split("test", 5)
+    pixels = learner.preprocess(images)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    script = (
+        "import sys, torch; from pathlib import Path; from dmc_core.state import load_state; "
+        "d = Path(sys.argv[1]); learner = load_state(d / 'state', cache_dir=Path(sys.argv[2])); "
+        "torch.save(learner.logits(torch.load(d / 'pixels.pt')), d / 'logits.pt')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), str(standin_cache)], check=True, timeout=300
+    )
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), learner.logits(pixels))
