@@ -158,8 +158,11 @@ def _restore(learner: Learner, manifest: dict[str, Any], tensors: dict[str, torc
                     f"this backbone needs {tuple(target.shape)}"
                 )
             target.copy_(value)
-    learner.memory = GaussianMemory.from_state_dict(
-        _take(tensors, "memory."), learner.config.memory
-    )
+    try:
+        learner.memory = GaussianMemory.from_state_dict(
+            _take(tensors, "memory."), learner.config.memory
+        )
+    except (KeyError, ValueError) as error:
+        raise StateError(f"the Gaussian memory in the state is unusable: {error}") from error
     if learner.memory.class_indices != list(range(len(classes))):
         raise StateError("the Gaussian memory does not hold exactly the state's classes")
