@@ -5,7 +5,6 @@ project's own small configs (`dmc_core/model_configs/*.json`) and models built o
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -15,6 +14,8 @@ from typing import Any
 import open_clip
 import torch
 from torch import nn
+
+from dmc_core.files import atomic_write, sha256_file
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 HF_CONFIG_DIR = MODEL_CONFIG_DIR / "hf"
@@ -192,7 +193,5 @@ def load_backbone(
 def save_checkpoint(model: nn.Module, path: Path) -> str:
     """Save the model's weights where `BackboneSpec(checkpoint=path)` loads them; returns sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({"state_dict": model.state_dict()}, tmp)
-    os.replace(tmp, path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict()}, tmp))
+    return sha256_file(path)

