@@ -18,12 +18,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from dmc_core.backbone import BackboneSpec, load_backbone, save_checkpoint  # noqa: E402
-from dmc_core.config import LearnerConfig  # noqa: E402
-from dmc_core.learner import Learner  # noqa: E402
-from tests.core.toy import colour_images  # noqa: E402
+from dmc_core.backbone import BackboneSpec, load_backbone, save_checkpoint
+from dmc_core.config import LearnerConfig
+from dmc_core.learner import Learner
+from tests.core.toy import colour_images
 
 
 def main() -> None:
