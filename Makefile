@@ -6,7 +6,7 @@ PYTHON := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 # Reinstall the Python packages only when pyproject.toml changes.
 INSTALLED := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
-APT_PACKAGES := dataset-fashion-mnist
+APT_PACKAGES := dataset-fashion-mnist chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline stand-in model is built once per checkout into this folder.
 export DMC_TEST_CACHE ?= $(CURDIR)/.cache/test-models

@@ -1,61 +1,227 @@
-"""A short walkthrough of the library on real images: the offline stand-in backbone learns
-Fashion-MNIST classes task by task and is evaluated on held-out images after each task."""
+"""`dmc demo`: the service in its embedded mode (SQLite, a local object folder, in-process
+jobs, the offline stand-in model), walked through over HTTP like a user would: two tasks of
+Fashion-MNIST classes are added, the jobs' progress is shown, held-out images are predicted
+after each task, the first version is restored (rollback) and the predictions follow."""
 
 from __future__ import annotations
 
+import io
+import shutil
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import typer
+from PIL import Image
 from tqdm import tqdm
 
-from dmc_core.backbone import load_backbone
-from dmc_core.config import LearnerConfig
-from dmc_core.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, to_pil
-from dmc_core.learner import Learner
-from dmc_core.standin import STANDIN_NAME
+TASKS = ([0, 1, 8], [5, 7, 9])  # t-shirt, trouser, bag; then sandal, sneaker, ankle boot
+PREDICT_BATCH = 32
+# Short schedules: the demo should take a couple of minutes on a laptop CPU.
+DEMO_LEARNER = {
+    "stage1.epochs": 2,
+    "stage1.batch_size": 16,
+    "stage2.epochs": 5,
+    "stage2.lr": 0.01,
+    "calibration.samples_per_class": 64,
+}
 
-TASKS = ([0, 1], [7, 8])  # t-shirt, trouser; then sneaker, bag
-TEST_PER_CLASS = 50
+
+@dataclass
+class DemoOptions:
+    folder: Path
+    cache_dir: Path
+    port: int
+    images_per_class: int
+    test_per_class: int
+    keep_serving: bool
 
 
-def _subset(labels: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _pick(labels: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
     return np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in classes])
 
 
-def run_library_demo(cache_dir: Path, images_per_class: int) -> None:
-    typer.echo(f"Loading the offline stand-in backbone ({STANDIN_NAME}); built on first use.")
-    backbone = load_backbone(STANDIN_NAME, cache_dir=cache_dir)
-    config = LearnerConfig(method="dmc_ot").with_overrides(
-        {"stage1.epochs": 1, "stage1.batch_size": 16, "stage2.epochs": 5}
-    )
-    learner = Learner(backbone, config)
-    train_x, train_y = load_fashion_mnist("train")
-    test_x, test_y = load_fashion_mnist("test")
-    seen: list[int] = []
-    for task, classes in enumerate(TASKS):
-        names = [FASHION_MNIST_CLASSES[k] for k in classes]
-        index = _subset(train_y, classes, images_per_class)
-        labels = [classes.index(int(y)) for y in train_y[index]]
-        typer.echo(f"\nTask {task + 1}: learning {names} from {len(index)} images")
-        with tqdm(total=100, unit="%", leave=False) as bar:
+class Walkthrough:
+    """The user's side: plain HTTP calls against the running server."""
 
-            def progress(stage: str, step: int, total: int) -> None:
-                bar.set_description(stage)
-                bar.n = round(100 * step / total)
+    def __init__(self, client: httpx.Client, options: DemoOptions) -> None:
+        from dmc_core.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+        self.client = client
+        self.options = options
+        self.names = FASHION_MNIST_CLASSES
+        self.train = load_fashion_mnist("train")
+        self.test = load_fashion_mnist("test")
+
+    def add_task(self, classes: list[int]) -> dict[str, Any]:
+        images, labels = self.train
+        index = _pick(labels, classes, self.options.images_per_class)
+        files = [("images", (f"{i}.png", _png(images[i]), "image/png")) for i in index]
+        data = {"labels": [self.names[int(labels[i])] for i in index]}
+        response = self.client.post("/classes", files=files, data=data)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def follow(self, job_id: int) -> dict[str, Any]:
+        # disable=None: a live bar on a terminal, nothing in a log (the outcome is printed).
+        with tqdm(total=100, bar_format="{desc} |{bar}| {n:.0f}%", disable=None) as bar:
+            while True:
+                job = self.client.get(f"/jobs/{job_id}").json()
+                bar.set_description(f"  job {job_id} {job['state']:9} {job['progress']['stage']:7}")
+                bar.n = job["progress"]["percent"]
                 bar.refresh()
+                if job["state"] in ("succeeded", "failed", "cancelled"):
+                    return job  # type: ignore[no-any-return]
+                time.sleep(0.5)
 
-            report = learner.learn_task(to_pil(train_x[index]), labels, names, progress=progress)
-        seen += classes
-        held_out = _subset(test_y, seen, TEST_PER_CLASS)
-        predictions = learner.predict(to_pil(test_x[held_out]), top_k=3)
-        truth = [FASHION_MNIST_CLASSES[int(y)] for y in test_y[held_out]]
-        accuracy = np.mean([p.names[0] == t for p, t in zip(predictions, truth, strict=True)])
-        typer.echo(
-            f"  train accuracy {report.train_accuracy:.2f}; held-out accuracy on "
-            f"{len(seen)} classes so far: {accuracy:.2%} ({len(held_out)} images)"
+    def predict(self, classes: list[int], version: int | None = None) -> tuple[float, list[str]]:
+        """Top-1 accuracy on held-out images of `classes`, and the predicted names."""
+        images, labels = self.test
+        index = _pick(labels, classes, self.options.test_per_class)
+        predicted: list[str] = []
+        for start in range(0, len(index), PREDICT_BATCH):
+            chunk = index[start : start + PREDICT_BATCH]
+            files = [("images", (f"{i}.png", _png(images[i]), "image/png")) for i in chunk]
+            params = {"top_k": 1} | ({"version": version} if version else {})
+            response = self.client.post("/predict", files=files, params=params)
+            response.raise_for_status()
+            predicted += [p["classes"][0]["name"] for p in response.json()["predictions"]]
+        truth = [self.names[int(y)] for y in labels[index]]
+        accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+        return accuracy, predicted
+
+    def run(self) -> dict[str, Any]:
+        say = typer.echo
+        seen: list[int] = []
+        results: dict[str, Any] = {"accuracy": [], "versions": []}
+        for number, classes in enumerate(TASKS, 1):
+            names = [self.names[k] for k in classes]
+            say(
+                f"\nTask {number}: POST /classes with {names}, {self.options.images_per_class} "
+                "images each"
+            )
+            submitted = self.add_task(classes)
+            job = self.follow(submitted["job_id"])
+            say(f"  job {job['id']} {job['state']} after {job['attempts']} attempt(s)")
+            if job["state"] != "succeeded":
+                raise RuntimeError(f"job {job['id']} ended {job['state']}: {job['error']}")
+            seen += classes
+            self.wait_for_version(job["version_id"])
+            accuracy, _ = self.predict(seen)
+            results["accuracy"].append(accuracy)
+            results["versions"].append(job["version_id"])
+            say(
+                f"  version v{job['version_id']} is active; held-out accuracy on the "
+                f"{len(seen)} classes learned so far: {accuracy:.1%}"
+            )
+
+        first, last = results["versions"][0], results["versions"][-1]
+        new_classes = list(TASKS[-1])
+        _, before = self.predict(new_classes)
+        say(
+            f"\nRollback: POST /versions/{first}/activate (v{last} knows "
+            f"{len(seen)} classes, v{first} only {len(TASKS[0])})"
         )
-    sample = predictions[0]
-    typer.echo(f"\nExample prediction (truth: {truth[0]}):")
-    for name, p in zip(sample.names, sample.probabilities, strict=True):
-        typer.echo(f"  {name:>12}  {p:.3f}")
+        self.client.post(f"/versions/{first}/activate").raise_for_status()
+        self.wait_for_version(first)
+        _, after = self.predict(new_classes)
+        say("  held-out images of task 2's classes, predicted before and after the rollback:")
+        for old, new in list(zip(before, after, strict=True))[:: max(1, len(after) // 5)][:5]:
+            say(f"    {old:>12} -> {new}")
+        results["rollback_changed"] = sum(a != b for a, b in zip(before, after, strict=True))
+        results["after_rollback"] = sorted(set(after))
+        say(
+            f"  {results['rollback_changed']} of {len(after)} answers changed; v{first} can "
+            f"only answer {sorted(set(after))}"
+        )
+        return results
+
+    def wait_for_version(self, version_id: int, timeout: float = 60.0) -> None:
+        """Until predict answers with `version_id` (the server swaps versions in the background)."""
+        images, _ = self.test
+        files = [("images", ("probe.png", _png(images[0]), "image/png"))]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = self.client.post("/predict", files=files)
+            if response.status_code == 200 and response.json()["version_id"] == version_id:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"the server did not switch to version {version_id}")
+
+
+def demo_settings(options: DemoOptions) -> Any:
+    from dmc_core.standin import STANDIN_NAME
+    from server.settings import ServerSettings
+
+    return ServerSettings(
+        database_url=f"sqlite:///{options.folder / 'dmc.sqlite'}",
+        objects_dir=options.folder / "objects",
+        dispatcher="embedded",
+        auth_enabled=False,
+        backbone_name=STANDIN_NAME,
+        backbone_pretrained=None,
+        model_cache_dir=options.cache_dir,
+        device="cpu",
+        # Replay as many samples per old class as there are real images per new class.
+        learner_overrides=DEMO_LEARNER | {"stage2.samples_per_old_class": options.images_per_class},
+        host="127.0.0.1",
+        port=options.port,
+        version_poll_seconds=0.5,
+    )
+
+
+def run_service_demo(options: DemoOptions) -> dict[str, Any]:
+    """Serve in this process (Ctrl-C stops it) and walk through from a second thread."""
+    import uvicorn
+
+    from dmc_core.standin import STANDIN_NAME, build_standin
+    from server.app import create_app
+
+    typer.echo(f"Building the offline stand-in model ({STANDIN_NAME}) if needed ...")
+    build_standin(options.cache_dir, progress=lambda message: typer.echo(f"  {message}"))
+    shutil.rmtree(options.folder, ignore_errors=True)  # a fresh service each time
+    options.folder.mkdir(parents=True)
+    settings = demo_settings(options)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.host, port=options.port, log_level="warning"
+        )
+    )
+    url = f"http://{settings.host}:{options.port}"
+    outcome: dict[str, Any] = {}
+
+    def walk() -> None:
+        try:
+            while not server.started:
+                time.sleep(0.1)
+            typer.echo(f"Service running at {url} (embedded mode, data in {options.folder})")
+            with httpx.Client(base_url=url, timeout=120) as client:
+                outcome.update(Walkthrough(client, options).run())
+            typer.echo(
+                f"\nDashboard: {url}/admin (auth is off in the demo: any key signs in)"
+                f"\nAPI docs:  {url}/docs"
+            )
+            if options.keep_serving:
+                typer.echo("The server keeps running; Ctrl-C stops it.")
+            else:
+                server.should_exit = True
+        except BaseException as exc:
+            outcome["error"] = exc
+            server.should_exit = True
+
+    thread = threading.Thread(target=walk, name="demo-walkthrough", daemon=True)
+    thread.start()
+    server.run()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome

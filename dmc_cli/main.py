@@ -8,9 +8,17 @@ from typing import Annotated
 
 import typer
 
+from dmc_cli.experiment import experiment, report
+from dmc_cli.serve import serve
+from dmc_cli.worker import run_worker
+
 app = typer.Typer(help="Continual-learning image classification on CLIP (DMC / DMC-OT).")
 db_app = typer.Typer(help="Database schema management.")
 app.add_typer(db_app, name="db")
+app.command("worker")(run_worker)
+app.command("experiment")(experiment)
+app.command("report")(report)
+app.command("serve")(serve)
 
 
 @db_app.command("upgrade")
@@ -31,15 +39,26 @@ def db_upgrade(
 
 @app.command()
 def demo(
+    port: Annotated[int, typer.Option(help="port of the demo server")] = 8000,
+    folder: Annotated[
+        Path, typer.Option(help="the demo service's data (recreated each run)")
+    ] = Path("runs/demo"),
     cache_dir: Annotated[
         Path, typer.Option(help="where the offline stand-in model is built")
     ] = Path(".cache/models"),
-    images_per_class: Annotated[int, typer.Option(min=4)] = 40,
+    images_per_class: Annotated[int, typer.Option(min=4)] = 30,
+    test_per_class: Annotated[int, typer.Option(min=1)] = 30,
+    keep_serving: Annotated[
+        bool, typer.Option(help="leave the server running after the walkthrough")
+    ] = True,
 ) -> None:
-    """Learn Fashion-MNIST classes in two tasks with DMC-OT and predict held-out images."""
-    from dmc_cli.demo import run_library_demo
+    """Start the service in embedded mode and walk through adding classes, predicting and
+    rolling back, with Fashion-MNIST images and the offline stand-in model."""
+    from dmc_cli.demo import DemoOptions, run_service_demo
 
-    run_library_demo(cache_dir, images_per_class)
+    run_service_demo(
+        DemoOptions(folder, cache_dir, port, images_per_class, test_per_class, keep_serving)
+    )
 
 
 if __name__ == "__main__":

@@ -93,12 +93,26 @@ class JobStateError(StoreError):
         self.action = action
 
 
+class LeaseLostError(StoreError):
+    """A job run that is no longer the current one: another run claimed the job, or the
+    recovery requeued or failed it after the run's lease expired. The run must stop."""
+
+    def __init__(self, job_id: int, attempt: int, current: int) -> None:
+        super().__init__(
+            f"run {attempt} of job {job_id} no longer owns the job (current run: {current})"
+        )
+        self.job_id = job_id
+        self.attempt = attempt
+        self.current = current
+
+
 class IdempotencyConflictError(StoreError):
     """An idempotency key was reused for a different upload."""
 
     def __init__(self, key: str, task_id: int) -> None:
         super().__init__(
-            f"idempotency key {key!r} was already used by task {task_id} with different classes"
+            f"idempotency key {key!r} was already used by task {task_id} for a different "
+            "upload (other classes, image counts or images); use a new key for a new upload"
         )
         self.key = key
         self.task_id = task_id

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Dialect,
     Enum,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -132,6 +134,11 @@ class Task(Base):
     # Prefix of the uploaded images in the object store; None once they are deleted.
     uploads_location: Mapped[str | None] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Whether the version learned from this task becomes `active` when it is published.
+    activate: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # sha256 over the upload's (class, image sha256) pairs: an idempotency key replayed
+    # with other images (same classes and counts) is a conflict. None: not recorded.
+    payload_digest: Mapped[str | None] = mapped_column(String(64))
 
 
 class Job(Base):
@@ -153,6 +160,11 @@ class Job(Base):
     version_id: Mapped[int | None] = mapped_column(
         ForeignKey("versions.id", ondelete="SET NULL"), index=True
     )
+    # While running: until when the runner's heartbeat vouches for it. `worker`: who made
+    # the latest run. `attempts` doubles as the fencing token of the current run (see
+    # `Jobs.claim_next`).
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker: Mapped[str | None] = mapped_column(String(200))
 
 
 class Alias(Base):

@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +39,9 @@ VERSIONS_ROOT = "versions"
 
 # A state: a folder of files (what dmc_core.state writes), or file name -> content.
 StateSource = Path | str | Mapping[str, bytes]
+
+# Called inside the publish transaction with the new version; raising aborts the publish.
+Finalizer = Callable[[Session, "VersionInfo"], None]
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Registry:
         class_count: int | None = None,
         activate: bool = False,
         require_newest_parent: bool = False,
+        finalize: Finalizer | None = None,
     ) -> VersionInfo:
         """Store `state` as a new version built on `parent_id` and return it.
 
@@ -84,6 +88,9 @@ class Registry:
         `activate`, moves the `active` alias. `parent_id` is recorded as given; with
         `require_newest_parent` the publish is refused (`StaleParentError`) unless the parent
         is still the newest version. `class_count` defaults to the parent's plus the new.
+        `finalize(session, version)` runs inside the transaction just before it commits
+        (e.g. to mark the job that built the state succeeded); if it raises, nothing is
+        published.
         """
         sources = _state_sources(state)
         names = _validate_class_names(new_classes)
@@ -113,6 +120,8 @@ class Registry:
                         activate=activate,
                         require_newest_parent=require_newest_parent,
                     )
+                    if finalize is not None:
+                        finalize(session, info)
             except IntegrityError as error:
                 if names:
                     with self.db.read() as session:

@@ -63,6 +63,21 @@ def test_idempotency_key_replays_the_earlier_task(jobs: Jobs) -> None:
     assert submit(jobs).created and submit(jobs).created  # no key: always new
 
 
+def test_idempotency_key_with_other_images_conflicts(jobs: Jobs) -> None:
+    def send(digest: str | None) -> Submission:
+        return jobs.submit(
+            class_names=["cat"], image_counts=[3], idempotency_key="k", payload_digest=digest
+        )
+
+    first = send("a" * 64)
+    assert first.task.payload_digest == "a" * 64
+    assert not send("a" * 64).created
+    assert not send(None).created  # a replay that records no digest is not checked
+    with pytest.raises(IdempotencyConflictError, match="images"):
+        send("b" * 64)
+    assert len(jobs.list()) == 1
+
+
 def test_concurrent_submissions_with_one_key(jobs: Jobs) -> None:
     barrier = threading.Barrier(4)
     results: list[Submission] = []

@@ -1,0 +1,296 @@
+"""The methods an experiment compares, by name (`@register_method`).
+
+- `zeroshot`: Continual-CLIP. The pretrained model with the hand-written prompt
+  (`learner.prompts.template`, "a photo of a {}.") over the growing label set; nothing is
+  trained.
+- `finetune`: sequential fine-tuning, the lower bound. DMC's two stages on each task's data
+  only: no Gaussian replay in stage 2 (`stage2.samples_per_old_class = 0`), no calibration,
+  no task tokens.
+- `dmc`: DMC (the learner's method "dmc").
+- `dmc_ot`: DMC-OT (method "dmc_ot": OT calibration of the memory + task tokens).
+- `joint`: the upper bound. After each task t, a fresh learner (the pretrained backbone,
+  new LoRA and prompts) learns the train images of all tasks 0..t as one task with DMC's
+  settings: stage 1 cross-entropy over all classes seen so far, stage 2 on their real
+  features (nothing to replay). It costs 1 + 2 + ... + T tasks' worth of training.
+
+Every method is evaluated the same way: the image features of the test images (under its
+current encoder) against the text prototypes of all classes seen so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
+
+from dmc_core.adapters import adapter_state_dict
+from dmc_core.backbone import Backbone
+from dmc_core.config import LearnerConfig
+from dmc_core.data.images import ConcatImages, Images
+from dmc_core.experiment.features import tensor_hash
+from dmc_core.learner import Learner, ProgressCallback, TaskReport
+from dmc_core.state import load_state, save_state
+
+__all__ = [
+    "Method",
+    "TaskData",
+    "get_method_class",
+    "list_methods",
+    "register_method",
+]
+
+PRETRAINED = "pretrained"
+
+
+@dataclass
+class TaskData:
+    """One task's train data: labels index `class_names` (0 .. len - 1)."""
+
+    index: int
+    class_ids: list[int]
+    class_names: list[str]
+    images: Images
+    labels: np.ndarray
+
+
+class Method(ABC):
+    """Learns tasks one by one and classifies features over all classes seen so far."""
+
+    name: ClassVar[str] = ""
+    # Keeps a learner (and its Gaussian memory) from task to task.
+    has_memory: ClassVar[bool] = False
+
+    def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
+        self.backbone_factory = backbone_factory
+        self.config = config
+
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        """The method's settings derived from the experiment's learner settings."""
+        return base
+
+    @abstractmethod
+    def learn(
+        self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
+    ) -> TaskReport | None:
+        """Learn `task` (the last of `seen`, the tasks so far)."""
+
+    @abstractmethod
+    def encoder_id(self) -> str:
+        """Identifies the current image encoder: equal ids give equal features."""
+
+    @abstractmethod
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Un-normalised image features (float32, CPU) of a preprocessed batch."""
+
+    @abstractmethod
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Scores [n, classes seen so far] of image features, in the order classes arrived."""
+
+    @property
+    @abstractmethod
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        """The test transform (PIL image -> tensor)."""
+
+    @property
+    def learner(self) -> Learner | None:
+        return None
+
+    def save(self, folder: Path) -> bool:
+        """Write what the next task needs into `folder`; False if nothing is needed."""
+        return False
+
+    @abstractmethod
+    def restore(self, folder: Path | None, seen: Sequence[TaskData]) -> None:
+        """Continue after the tasks `seen` (from `folder` if `save` wrote one)."""
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def decorate(cls: type[Method]) -> type[Method]:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def get_method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def _autocast(
+    config: LearnerConfig, device: torch.device
+) -> contextlib.AbstractContextManager[Any]:
+    enabled = config.precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+@register_method("zeroshot")
+class ZeroShot(Method):
+    """Continual-CLIP: pretrained encoders, hand-written prompt, growing label set."""
+
+    def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
+        super().__init__(backbone_factory, config)
+        self.backbone = backbone_factory()
+        self.device = torch.device(config.device)
+        self.backbone.model.to(self.device).eval()
+        self.class_names: list[str] = []
+        self._text: torch.Tensor | None = None
+
+    def learn(
+        self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
+    ) -> TaskReport | None:
+        self.class_names += task.class_names
+        self._text = None
+        progress("prompts", 1, 1)
+        return None
+
+    def restore(self, folder: Path | None, seen: Sequence[TaskData]) -> None:
+        self.class_names = [name for task in seen for name in task.class_names]
+        self._text = None
+
+    def encoder_id(self) -> str:
+        return PRETRAINED
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        return self.backbone.preprocess_val
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), _autocast(self.config, self.device):
+            return self.backbone.model.encode_image(pixels.to(self.device)).float().cpu()
+
+    def text_features(self) -> torch.Tensor:
+        if self._text is None:
+            prompts = [self.config.prompts.template.format(n) for n in self.class_names]
+            with torch.inference_mode(), _autocast(self.config, self.device):
+                tokens = self.backbone.tokenizer(prompts).to(self.device)
+                text = self.backbone.model.encode_text(tokens).float()
+            self._text = F.normalize(text, dim=-1).cpu()
+        return self._text
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        scale = self.config.logit_scale or self.backbone.logit_scale
+        return scale * F.normalize(features.float(), dim=-1) @ self.text_features().T
+
+
+class LearnerMethod(Method):
+    """A `Learner` carried from task to task."""
+
+    has_memory = True
+
+    def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
+        super().__init__(backbone_factory, config)
+        self._learner: Learner | None = None
+
+    @property
+    def learner(self) -> Learner:
+        if self._learner is None:
+            self._learner = Learner(self.backbone_factory(), self.config)
+        return self._learner
+
+    def learn(
+        self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
+    ) -> TaskReport | None:
+        return self.learner.learn_task(
+            task.images, task.labels.tolist(), task.class_names, progress=progress
+        )
+
+    def encoder_id(self) -> str:
+        learner = self.learner
+        return tensor_hash(adapter_state_dict(learner.backbone.visual, learner.config.adapter))
+
+    @property
+    def preprocess(self) -> Callable[[Any], torch.Tensor]:
+        return self.learner.backbone.preprocess_val
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        # `cached` computes each LoRA-adapted weight once per batch, as Learner.logits does.
+        with torch.inference_mode(), parametrize.cached():
+            return self.learner.encode_images(pixels).cpu()
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        learner = self.learner
+        with torch.inference_mode():
+            x = F.normalize(features.float().to(learner.device), dim=-1)
+            return (learner.logit_scale * x @ learner.text_prototypes().T).cpu()
+
+    def save(self, folder: Path) -> bool:
+        save_state(self.learner, folder)
+        return True
+
+    def restore(self, folder: Path | None, seen: Sequence[TaskData]) -> None:
+        if folder is None:
+            raise ValueError(f"{self.name}: no saved state to continue from")
+        self._learner = load_state(folder, self.backbone_factory(), device=self.config.device)
+
+
+@register_method("finetune")
+class Finetune(LearnerMethod):
+    """Both stages on each task's data only: no replay, no calibration (the lower bound)."""
+
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        return base.with_overrides({"method": "dmc", "stage2.samples_per_old_class": 0})
+
+
+@register_method("dmc")
+class DMC(LearnerMethod):
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        return base.with_overrides({"method": "dmc"})
+
+
+@register_method("dmc_ot")
+class DMCOT(LearnerMethod):
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        return base.with_overrides({"method": "dmc_ot"})
+
+
+@register_method("joint")
+class Joint(LearnerMethod):
+    """A fresh learner trained on all tasks so far as one task (the upper bound)."""
+
+    has_memory = False
+
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        return base.with_overrides({"method": "dmc"})
+
+    def learn(
+        self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
+    ) -> TaskReport | None:
+        self._learner = Learner(self.backbone_factory(), self.config)
+        images = ConcatImages([t.images for t in seen])
+        labels: list[int] = []
+        names: list[str] = []
+        for t in seen:
+            labels += (t.labels + len(names)).tolist()
+            names += t.class_names
+        return self._learner.learn_task(images, labels, names, progress=progress)
+
+    def save(self, folder: Path) -> bool:
+        return False  # every task starts again from the pretrained backbone
+
+    def restore(self, folder: Path | None, seen: Sequence[TaskData]) -> None:
+        self._learner = None

@@ -1,0 +1,113 @@
+"""Error bodies (`{"detail": "..."}`), their OpenAPI documentation and the handlers that
+turn store and validation errors into them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from store.errors import (
+    DuplicateClassError,
+    IdempotencyConflictError,
+    JobNotFoundError,
+    JobStateError,
+    StateIntegrityError,
+    StoreError,
+    TaskNotFoundError,
+    VersionNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="What went wrong and what to change in the request.")
+
+
+_DESCRIPTIONS: dict[int, str] = {
+    400: "The request is malformed (e.g. an unreadable multipart body).",
+    401: "No API key, or not a valid one: send it in the `X-API-Key` header.",
+    403: "The API key lacks the scope this route needs.",
+    404: "No such resource.",
+    409: "The request conflicts with the current state (see `detail`).",
+    413: "The request body or an archive is over the size limit.",
+    415: "The request body has a content type this route does not take.",
+    422: "A parameter or an uploaded file is invalid (see `detail`).",
+    503: "Not ready or overloaded; `Retry-After` says when to try again where it applies.",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses=` of a route for these error status codes."""
+    return {code: {"model": ErrorOut, "description": _DESCRIPTIONS[code]} for code in codes}
+
+
+def error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
+    return HTTPException(status_code=status_code, detail=detail, headers=headers)
+
+
+def _where(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if not parts:
+        return "request"
+    kind, rest = parts[0], parts[1:]
+    names = {"query": "query parameter", "path": "path parameter", "header": "header"}
+    if kind in names and rest:
+        return f"{names[kind]} {rest[0]!r}"
+    if kind == "body":
+        return "field " + ".".join(rest) if rest else "request body"
+    return ".".join(parts)
+
+
+def validation_detail(errors: Sequence[Any]) -> str:
+    """One sentence per pydantic error: where, and what is wrong."""
+    messages = []
+    for item in errors:
+        loc = item.get("loc", ()) if isinstance(item, dict) else ()
+        msg = item.get("msg", "is invalid") if isinstance(item, dict) else str(item)
+        messages.append(f"{_where(loc)}: {msg}")
+    return "; ".join(messages) or "the request is invalid"
+
+
+async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": validation_detail(exc.errors())}, status_code=422)
+
+
+_STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
+    (VersionNotFoundError, 404),
+    (JobNotFoundError, 404),
+    (TaskNotFoundError, 404),
+    (JobStateError, 409),
+    (IdempotencyConflictError, 409),
+    (DuplicateClassError, 409),
+    (StateIntegrityError, 409),
+)
+
+
+async def _store_handler(request: Request, exc: Exception) -> JSONResponse:
+    for kind, status in _STORE_STATUS:
+        if isinstance(exc, kind):
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+    log.exception("store error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": f"the store failed: {exc}"}, status_code=500)
+
+
+async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Logged (with the traceback) by the server; the client gets JSON like every error.
+    return JSONResponse(
+        {"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+        status_code=500,
+    )
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_handler)
+    app.add_exception_handler(StoreError, _store_handler)
+    app.add_exception_handler(Exception, _internal_handler)

@@ -1,0 +1,65 @@
+"""GET /versions, GET /versions/{version_id}, POST /versions/{version_id}/activate."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from server.dependencies import AdminAccess, ReadAccess, ServicesDep
+from server.errors import responses
+from server.schemas import VersionOut
+
+router = APIRouter(prefix="/versions", tags=["versions"])
+
+VersionId = Annotated[int, Path(ge=1, description="The version's id.")]
+
+
+@router.get("", response_model=list[VersionOut], responses=responses(401, 403, 422))
+async def list_versions(
+    services: ServicesDep,
+    _: ReadAccess,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[VersionOut]:
+    """Model versions, newest first; `active` marks the one the service answers with."""
+    registry = services.store.registry
+
+    def read() -> list[VersionOut]:
+        active = registry.active()
+        active_id = active.id if active else None
+        return [
+            VersionOut.of(v, active_id=active_id) for v in registry.list(limit=limit, offset=offset)
+        ]
+
+    return await asyncio.to_thread(read)
+
+
+@router.get("/{version_id}", response_model=VersionOut, responses=responses(401, 403, 404, 422))
+async def get_version(services: ServicesDep, _: ReadAccess, version_id: VersionId) -> VersionOut:
+    """One version: its classes, metrics and size."""
+    registry = services.store.registry
+
+    def read() -> VersionOut:
+        info = registry.get(version_id)
+        active = registry.active()
+        return VersionOut.of(info, active_id=active.id if active else None)
+
+    return await asyncio.to_thread(read)
+
+
+@router.post(
+    "/{version_id}/activate",
+    response_model=VersionOut,
+    responses=responses(401, 403, 404, 422),
+)
+async def activate_version(
+    services: ServicesDep, _: AdminAccess, version_id: VersionId
+) -> VersionOut:
+    """Make a version the active one (activating an older one is a rollback). Every
+    replica loads it in the background and swaps it in without dropping requests; if it
+    cannot be loaded, the previous one keeps answering and GET /readyz says why."""
+    info = await asyncio.to_thread(services.store.registry.activate, version_id)
+    services.holder.wake()
+    return VersionOut.of(info, active_id=info.id)

@@ -1,0 +1,159 @@
+"""Request and response bodies of the HTTP API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from store.jobs import JobInfo, Submission
+from store.models import JobState
+from store.registry import VersionInfo
+
+Scope = Literal["predict", "admin"]
+
+
+class ProgressOut(BaseModel):
+    stage: str
+    step: int
+    total: int
+    percent: float = Field(description="0 to 100; never goes down.")
+
+
+class JobOut(BaseModel):
+    id: int
+    task_id: int
+    state: JobState
+    progress: ProgressOut
+    error: str | None = Field(description="Why a failed job failed, and what to do about it.")
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    version_id: int | None = Field(description="The version a succeeded job published.")
+
+    @classmethod
+    def of(cls, job: JobInfo) -> JobOut:
+        return cls(
+            id=job.id,
+            task_id=job.task_id,
+            state=job.state,
+            progress=ProgressOut(**job.progress.as_json()),
+            error=job.error,
+            attempts=job.attempts,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            version_id=job.version_id,
+        )
+
+
+class SubmissionOut(BaseModel):
+    task_id: int
+    job_id: int
+    class_names: list[str] = Field(description="The task's classes, in label order.")
+    image_counts: list[int]
+    replayed: bool = Field(
+        description="True when the Idempotency-Key was seen before: this is the first "
+        "request's task and job, and nothing new was stored."
+    )
+    job: JobOut
+
+    @classmethod
+    def of(cls, submission: Submission, *, replayed: bool) -> SubmissionOut:
+        return cls(
+            task_id=submission.task.id,
+            job_id=submission.job.id,
+            class_names=list(submission.task.class_names),
+            image_counts=list(submission.task.image_counts),
+            replayed=replayed,
+            job=JobOut.of(submission.job),
+        )
+
+
+class VersionOut(BaseModel):
+    id: int
+    parent_id: int | None
+    created_at: datetime
+    class_count: int
+    new_classes: list[str] = Field(description="The classes this version added.")
+    metrics: dict[str, Any]
+    size_bytes: int
+    checksum: str
+    active: bool
+
+    @classmethod
+    def of(cls, info: VersionInfo, *, active_id: int | None) -> VersionOut:
+        return cls(
+            id=info.id,
+            parent_id=info.parent_id,
+            created_at=info.created_at,
+            class_count=info.class_count,
+            new_classes=list(info.new_classes),
+            metrics=info.metrics,
+            size_bytes=info.size_bytes,
+            checksum=info.checksum,
+            active=info.id == active_id,
+        )
+
+
+class ClassOut(BaseModel):
+    name: str
+    version_id: int = Field(description="The version that learned the class.")
+    task_id: int | None = Field(description="The task (upload) the class came in.")
+    active: bool = Field(description="Whether the active version knows the class.")
+
+
+class PredictJSON(BaseModel):
+    images: list[str] = Field(min_length=1, description="Images as base64 (standard alphabet).")
+    top_k: int | None = Field(default=None, ge=1, description="Overrides the query parameter.")
+    version: int | None = Field(default=None, ge=1, description="Overrides the query parameter.")
+
+
+class ClassScore(BaseModel):
+    name: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    filename: str | None
+    classes: list[ClassScore] = Field(description="The top-k classes, most probable first.")
+
+
+class PredictOut(BaseModel):
+    version_id: int = Field(description="The version that answered.")
+    predictions: list[ImagePrediction] = Field(description="One per image, in request order.")
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadyOut(BaseModel):
+    status: Literal["ready", "degraded", "not ready"] = Field(
+        description="`degraded`: answering, but the active version failed to load and an "
+        "older one answers (see `error`)."
+    )
+    version_id: int | None = Field(description="The version answering unpinned requests.")
+    active_version_id: int | None
+    loading_version_id: int | None
+    database: bool
+    error: str | None
+    reason: str | None = Field(default=None, description="Why the server is not ready.")
+
+
+class ApiKeyCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    scopes: list[Scope] = Field(min_length=1)
+
+
+class ApiKeyOut(BaseModel):
+    id: int
+    name: str
+    scopes: list[Scope]
+    created_at: datetime
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The key itself: shown only now, it cannot be read later.")

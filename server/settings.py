@@ -1,0 +1,83 @@
+"""The service's settings: the worker's (store, model, jobs) plus the HTTP server's.
+
+`ServerSettings` is the one settings class of the service; every value comes from an
+environment variable with the `DMC_` prefix (e.g. `DMC_PORT`, `DMC_AUTH_ENABLED`).
+"""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+
+from worker.settings import WorkerSettings
+
+MIB = 1024 * 1024
+
+
+class ServerSettings(WorkerSettings):
+    # --- HTTP ------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"
+
+    # --- auth ------------------------------------------------------------------------
+    # API keys (header X-API-Key) with the scopes `predict` and `admin`. Off only for the
+    # embedded demo: turning it off needs DMC_DISPATCHER=embedded.
+    auth_enabled: bool = True
+    # A key with every scope that needs no database row: the first admin's credential
+    # (with it, POST /api-keys makes the other keys). At least 16 characters.
+    bootstrap_admin_key: SecretStr | None = None
+    # How long a verified key (or a refused one) is remembered before the store is asked
+    # again: a revoked key stops working at most this long after.
+    api_key_cache_seconds: float = Field(default=10.0, ge=0)
+
+    # --- uploads (POST /classes) and predict input -----------------------------------
+    # The whole request body, files included; more is answered with 413.
+    max_request_bytes: int = Field(default=100 * MIB, ge=1)
+    # What the images of an uploaded archive may add up to once unpacked.
+    max_extracted_bytes: int = Field(default=512 * MIB, ge=1)
+    # Width x height of one image; checked before the image is decoded (decompression bombs).
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    # Images in one upload (POST /classes).
+    max_upload_images: int = Field(default=10_000, ge=1)
+    max_class_name_length: int = Field(default=100, ge=1, le=200)
+    # Images in one POST /predict request.
+    max_predict_images: int = Field(default=64, ge=1)
+    max_top_k: int = Field(default=100, ge=1)
+
+    # --- inference batching ----------------------------------------------------------
+    # Images of concurrent predict requests go through the model together: a batch closes
+    # at `batch_max_size` images or `batch_max_wait_ms` after its first image.
+    batch_max_size: int = Field(default=32, ge=1)
+    batch_max_wait_ms: float = Field(default=5.0, ge=0)
+    # Images waiting for the model; a request that would go over it gets 503 + Retry-After.
+    batch_queue_size: int = Field(default=512, ge=1)
+    retry_after_seconds: int = Field(default=1, ge=1)
+
+    # --- model versions --------------------------------------------------------------
+    # How often the `active` alias is read (a change made through another replica).
+    version_poll_seconds: float = Field(default=2.0, gt=0)
+    # A version that failed to load is tried again after this long.
+    version_retry_seconds: float = Field(default=60.0, gt=0)
+    # Versions kept loaded for requests that pin one (`version=`), besides the active one.
+    pinned_versions_cached: int = Field(default=2, ge=0)
+    # Apply the database migrations at start; None: only in the embedded mode.
+    migrate_on_start: bool | None = None
+
+    @model_validator(mode="after")
+    def _server_checks(self) -> Self:
+        if not self.auth_enabled and self.dispatcher != "embedded":
+            raise ValueError(
+                "DMC_AUTH_ENABLED=false is only for the embedded demo (DMC_DISPATCHER=embedded)"
+            )
+        key = self.bootstrap_admin_key
+        if key is not None and len(key.get_secret_value()) < 16:
+            raise ValueError("DMC_BOOTSTRAP_ADMIN_KEY must be at least 16 characters")
+        return self
+
+    @property
+    def migrate(self) -> bool:
+        if self.migrate_on_start is None:
+            return self.dispatcher == "embedded"
+        return self.migrate_on_start

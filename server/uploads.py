@@ -1,0 +1,453 @@
+"""Validation of uploaded images: POST /classes (an archive with one folder per class, or
+image files with a label each) and the images of POST /predict.
+
+Everything is checked before anything is stored: paths, class names, image counts, and
+every image (its size is read from its header and checked against the pixel limit before
+it is decoded; then it is decoded in full, which finds truncated files). Each problem is
+an `UploadError` with an HTTP status and a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import stat
+import tarfile
+import unicodedata
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from server.settings import ServerSettings
+from store.uploads import UploadedImage
+
+# Files that archivers and desktops add; they are skipped, not refused.
+_JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_LISTED = 3
+
+
+class UploadError(Exception):
+    """An upload refused as a whole; nothing of it is stored."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    max_image_pixels: int
+    max_extracted_bytes: int
+    max_images: int
+    max_class_name_length: int
+    min_images_per_class: int
+
+    @classmethod
+    def from_settings(cls, settings: ServerSettings) -> UploadLimits:
+        return cls(
+            max_image_pixels=settings.max_image_pixels,
+            max_extracted_bytes=settings.max_extracted_bytes,
+            max_images=settings.max_upload_images,
+            max_class_name_length=settings.max_class_name_length,
+            min_images_per_class=settings.min_images_per_class,
+        )
+
+
+# --- single images ----------------------------------------------------------------------
+
+
+def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse an image over the pixel limit before any decoding."""
+    if not data:
+        raise UploadError(422, f"{name} is empty (0 bytes); send an image file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise UploadError(
+            422,
+            f"{name} has too many pixels ({exc}); the limit is {max_pixels} pixels "
+            "(DMC_MAX_IMAGE_PIXELS): send a smaller image",
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise UploadError(
+            422, f"{name} is not an image (or not a format the server reads, e.g. JPEG, PNG, WebP)"
+        ) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UploadError(
+            422, f"{name} is truncated or corrupt ({exc}); send the complete image file"
+        ) from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise UploadError(
+            422,
+            f"{name} is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} (DMC_MAX_IMAGE_PIXELS); resize it",
+        )
+    if width < 1 or height < 1:
+        image.close()
+        raise UploadError(422, f"{name} has no pixels ({width}x{height})")
+    return image
+
+
+def _decode(image: Image.Image, name: str, draft: int | None) -> None:
+    try:
+        if draft:
+            # JPEG: decode at a reduced scale (still at least `draft` pixels a side).
+            image.draft("RGB", (draft, draft))
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise UploadError(422, f"{name} has too many pixels: {exc}") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UploadError(
+            422, f"{name} is truncated or corrupt ({exc}); send the complete file"
+        ) from exc
+
+
+def check_image(data: bytes, name: str, max_pixels: int) -> None:
+    """Refuse data that is not a complete image within the pixel limit (`UploadError`)."""
+    image = _open_checked(data, name, max_pixels)
+    try:
+        _decode(image, name, draft=None)
+    finally:
+        image.close()
+
+
+def decode_image(
+    data: bytes, name: str, max_pixels: int, *, draft: int | None = None
+) -> Image.Image:
+    """The image as upright (EXIF) RGB, as the worker decodes uploads; `UploadError` if it is
+    not a complete image within the pixel limit."""
+    image = _open_checked(data, name, max_pixels)
+    try:
+        _decode(image, name, draft)
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise UploadError(422, f"{name} cannot be converted to RGB: {exc}") from exc
+    finally:
+        image.close()
+
+
+# --- class names ------------------------------------------------------------------------
+
+
+def clean_class_name(raw: str, max_length: int, *, where: str) -> str:
+    """A class name as stored: Unicode NFC, without surrounding spaces; refused if empty,
+    over `max_length` characters, or holding control characters."""
+    name = unicodedata.normalize("NFC", raw).strip()
+    if not name:
+        raise UploadError(422, f"{where}: the class name is empty; give every class a name")
+    if len(name) > max_length:
+        raise UploadError(
+            422,
+            f"{where}: the class name {name[:40]!r}... is {len(name)} characters; at most "
+            f"{max_length} are allowed",
+        )
+    if any(unicodedata.category(c)[0] == "C" for c in name):
+        raise UploadError(
+            422, f"{where}: the class name {name!r} holds control characters; remove them"
+        )
+    return name
+
+
+# --- parsed uploads ---------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    class_name: str
+    filename: str
+    ref: Any
+
+
+@dataclass
+class ParsedUpload:
+    """A validated upload: its classes (sorted; the learner's label order) with image
+    counts, a digest of its content, and its images, read again when they are stored."""
+
+    class_names: tuple[str, ...]
+    image_counts: tuple[int, ...]
+    digest: str
+    entries: list[_Entry] = field(repr=False)
+    read: Callable[[Any], bytes] = field(repr=False)
+
+    def images(self) -> Iterator[UploadedImage]:
+        for entry in self.entries:
+            yield UploadedImage(entry.class_name, entry.filename, self.read(entry.ref))
+
+
+def _finish(
+    entries: list[_Entry], read: Callable[[Any], bytes], limits: UploadLimits, empty: set[str]
+) -> ParsedUpload:
+    """Check counts, then every image; compute the digest."""
+    if empty:
+        listed = ", ".join(repr(n) for n in sorted(empty)[:_LISTED])
+        raise UploadError(
+            422, f"class folder(s) {listed} hold no images; add images or remove the folder"
+        )
+    if not entries:
+        raise UploadError(422, "the upload holds no images")
+    if len(entries) > limits.max_images:
+        raise UploadError(
+            413,
+            f"the upload holds {len(entries)} images; at most {limits.max_images} are allowed "
+            "in one upload (DMC_MAX_UPLOAD_IMAGES): split it into several tasks",
+        )
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry.class_name] = counts.get(entry.class_name, 0) + 1
+    names = tuple(sorted(counts))
+    short = [n for n in names if counts[n] < limits.min_images_per_class]
+    if short:
+        listed = ", ".join(f"{n!r} has {counts[n]}" for n in short[:_LISTED])
+        raise UploadError(
+            422,
+            f"every class needs at least {limits.min_images_per_class} images "
+            f"(DMC_MIN_IMAGES_PER_CLASS): {listed}",
+        )
+    total = 0
+    digests: list[str] = []
+    for entry in entries:
+        data = read(entry.ref)
+        total += len(data)
+        if total > limits.max_extracted_bytes:
+            raise UploadError(
+                413,
+                f"the images add up to more than {limits.max_extracted_bytes} bytes "
+                "(DMC_MAX_EXTRACTED_BYTES); split the upload into several tasks",
+            )
+        check_image(
+            data, f"image {entry.filename!r} (class {entry.class_name!r})", limits.max_image_pixels
+        )
+        digests.append(f"{entry.class_name}\x00{hashlib.sha256(data).hexdigest()}")
+    digest = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    return ParsedUpload(
+        class_names=names,
+        image_counts=tuple(counts[n] for n in names),
+        digest=digest,
+        entries=entries,
+        read=read,
+    )
+
+
+# --- image files with labels ------------------------------------------------------------
+
+
+def parse_labelled_files(
+    files: Sequence[tuple[str | None, IO[bytes]]], labels: Sequence[str], limits: UploadLimits
+) -> ParsedUpload:
+    """Image files with one label each, in the same order."""
+    if len(files) != len(labels):
+        raise UploadError(
+            422,
+            f"{len(files)} images but {len(labels)} labels: send one `labels` field per "
+            "image, in the same order as the `images` files",
+        )
+    entries = []
+    for index, ((filename, _), label) in enumerate(zip(files, labels, strict=True)):
+        shown = filename or f"#{index + 1}"
+        name = clean_class_name(
+            label, limits.max_class_name_length, where=f"label of image {shown!r}"
+        )
+        entries.append(_Entry(name, filename or f"image-{index + 1}", index))
+
+    def read(ref: Any) -> bytes:
+        stream = files[int(ref)][1]
+        stream.seek(0)
+        return stream.read()
+
+    return _finish(entries, read, limits, empty=set())
+
+
+# --- archives ---------------------------------------------------------------------------
+
+
+def _entry_parts(name: str) -> tuple[str, ...]:
+    """The components of an archive path; refuses absolute paths and `..`."""
+    path = name.replace("\\", "/")
+    if "\x00" in path:
+        raise UploadError(422, f"archive entry {name!r} has a NUL character in its path")
+    if path.startswith("/") or _DRIVE.match(path):
+        raise UploadError(
+            422,
+            f"archive entry {name!r} has an absolute path; archive relative paths "
+            "(class_name/image.jpg)",
+        )
+    parts = tuple(p for p in path.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UploadError(
+            422,
+            f"archive entry {name!r} has '..' in its path; archive relative paths "
+            "(class_name/image.jpg) only",
+        )
+    return parts
+
+
+def _is_junk(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p in _JUNK_NAMES for p in parts)
+
+
+def _layout(
+    files: list[tuple[tuple[str, ...], Any]], dirs: set[tuple[str, ...]], limits: UploadLimits
+) -> tuple[list[_Entry], set[str]]:
+    """One folder per class, optionally all inside one top folder."""
+    strip = 0
+    if files and all(len(p) == 3 for p, _ in files) and len({p[0] for p, _ in files}) == 1:
+        strip = 1
+        top = files[0][0][0]
+        dirs = {d[1:] for d in dirs if d[:1] == (top,) and len(d) > 1}
+    entries: list[_Entry] = []
+    names: dict[str, str] = {}
+
+    def class_name(folder: str) -> str:
+        if folder not in names:
+            names[folder] = clean_class_name(
+                folder, limits.max_class_name_length, where=f"archive folder {folder!r}"
+            )
+        return names[folder]
+
+    for parts, ref in files:
+        rest = parts[strip:]
+        if len(rest) != 2:
+            raise UploadError(
+                422,
+                f"archive entry {'/'.join(parts)!r} is not inside a class folder; the archive "
+                "holds one folder per class, each with its images: <class name>/<image file>",
+            )
+        entries.append(_Entry(class_name(rest[0]), "/".join(parts), ref))
+    with_images = {e.class_name for e in entries}
+    empty = {class_name(d[0]) for d in dirs if len(d) == 1} - with_images
+    return entries, empty
+
+
+def _read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise UploadError(
+            413,
+            f"{what} unpacks to more than {limit} bytes (DMC_MAX_EXTRACTED_BYTES); split the "
+            "upload into several tasks",
+        )
+    return data
+
+
+def _parse_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> ParsedUpload:
+    files: list[tuple[tuple[str, ...], Any]] = []
+    dirs: set[tuple[str, ...]] = set()
+    for info in archive.infolist():
+        parts = _entry_parts(info.filename)
+        if not parts or _is_junk(parts):
+            continue
+        if info.is_dir():
+            dirs.add(parts)
+            continue
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise UploadError(
+                422, f"archive entry {info.filename!r} is a symbolic link; archive image files"
+            )
+        if info.flag_bits & 0x1:
+            raise UploadError(
+                422, f"archive entry {info.filename!r} is encrypted; upload an unencrypted archive"
+            )
+        files.append((parts, info))
+        dirs.update(parts[:i] for i in range(1, len(parts)))
+    entries, empty = _layout(files, dirs, limits)
+
+    def read(ref: Any) -> bytes:
+        try:
+            with archive.open(ref) as stream:
+                return _read_limited(stream, limits.max_extracted_bytes, f"entry {ref.filename!r}")
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+            raise UploadError(
+                422,
+                f"archive entry {ref.filename!r} cannot be unpacked ({exc}); the zip is corrupt",
+            ) from exc
+
+    return _finish(entries, read, limits, empty)
+
+
+def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
+    files: list[tuple[tuple[str, ...], Any]] = []
+    dirs: set[tuple[str, ...]] = set()
+    declared = 0
+    try:
+        for member in archive:
+            parts = _entry_parts(member.name)
+            if not parts or _is_junk(parts):
+                continue
+            if member.isdir():
+                dirs.add(parts)
+                continue
+            if member.issym() or member.islnk():
+                raise UploadError(
+                    422, f"archive entry {member.name!r} is a link; archive image files only"
+                )
+            if not member.isfile():
+                raise UploadError(
+                    422, f"archive entry {member.name!r} is not a regular file; archive images only"
+                )
+            declared += member.size
+            if declared > limits.max_extracted_bytes:
+                raise UploadError(
+                    413,
+                    f"the archive unpacks to more than {limits.max_extracted_bytes} bytes "
+                    "(DMC_MAX_EXTRACTED_BYTES); split the upload into several tasks",
+                )
+            if len(files) >= limits.max_images:
+                raise UploadError(
+                    413,
+                    f"the archive holds more than {limits.max_images} images "
+                    "(DMC_MAX_UPLOAD_IMAGES); split it into several tasks",
+                )
+            files.append((parts, member))
+            dirs.update(parts[:i] for i in range(1, len(parts)))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UploadError(422, f"the tar archive is corrupt or truncated: {exc}") from exc
+    entries, empty = _layout(files, dirs, limits)
+
+    def read(ref: Any) -> bytes:
+        try:
+            stream = archive.extractfile(ref)
+            if stream is None:
+                raise UploadError(422, f"archive entry {ref.name!r} cannot be read")
+            with stream:
+                return _read_limited(stream, limits.max_extracted_bytes, f"entry {ref.name!r}")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise UploadError(
+                422, f"archive entry {ref.name!r} cannot be unpacked ({exc}); the tar is corrupt"
+            ) from exc
+
+    return _finish(entries, read, limits, empty)
+
+
+def parse_archive(stream: IO[bytes], limits: UploadLimits) -> ParsedUpload:
+    """A zip or tar (optionally gzip, bzip2 or xz compressed) archive with one folder per
+    class. `stream` must be seekable and stay open while the upload's images are read."""
+    stream.seek(0, io.SEEK_END)
+    size = stream.tell()
+    stream.seek(0)
+    if size == 0:
+        raise UploadError(422, "the archive is empty (0 bytes)")
+    if zipfile.is_zipfile(stream):
+        stream.seek(0)
+        try:
+            return _parse_zip(zipfile.ZipFile(stream), limits)
+        except zipfile.BadZipFile as exc:
+            raise UploadError(422, f"the zip archive is corrupt: {exc}") from exc
+    stream.seek(0)
+    try:
+        # Not a context manager: the images are read again when they are stored.
+        archive = tarfile.open(fileobj=stream, mode="r:*")  # noqa: SIM115
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise UploadError(
+            422,
+            "the archive is neither a zip nor a tar file (plain, .gz, .bz2 or .xz); "
+            "send one of those",
+        ) from exc
+    return _parse_tar(archive, limits)

@@ -1,0 +1,80 @@
+"""Metrics against matrices computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dmc_core.experiment.metrics import accuracy_matrix, aggregate, compute_metrics, mean_std
+
+# Three tasks with 10, 20 and 10 test images.
+COUNTS = [10, 20, 10]
+CORRECT = [[8], [6, 18], [5, 10, 9]]
+
+
+def test_accuracy_matrix() -> None:
+    assert accuracy_matrix(CORRECT, COUNTS) == [
+        [80.0, None, None],
+        [60.0, 90.0, None],
+        [50.0, 50.0, 90.0],
+    ]
+
+
+def test_metrics_by_hand() -> None:
+    m = compute_metrics(CORRECT, COUNTS)
+    # A_t over all images of the tasks seen: 8/10, 24/30, 24/40.
+    assert m["accuracy_per_task"] == pytest.approx([80.0, 80.0, 60.0])
+    assert m["avg"] == pytest.approx((80 + 80 + 60) / 3)
+    assert m["last"] == pytest.approx(60.0)
+    # Task 0: best before the end max(80, 60) = 80, final 50 -> 30; task 1: 90 - 50 = 40.
+    assert m["forgetting_per_task"] == pytest.approx([30.0, 40.0])
+    assert m["forgetting"] == pytest.approx(35.0)
+    # Old: images of earlier tasks (6/10; 15/30); new: the task's own.
+    assert m["old_accuracy"][0] is None
+    assert m["old_accuracy"][1:] == pytest.approx([60.0, 50.0])
+    assert m["new_accuracy"] == pytest.approx([80.0, 90.0, 90.0])
+    assert m["accuracy_matrix"] == accuracy_matrix(CORRECT, COUNTS)
+
+
+def test_forgetting_can_be_negative_and_ignores_the_final_row_in_the_best() -> None:
+    m = compute_metrics([[2], [4, 5], [10, 10, 3]], [10, 10, 10])
+    # Task 0: best before the end 40, final 100 -> -60; task 1: 50 - 100 = -50.
+    assert m["forgetting_per_task"] == pytest.approx([-60.0, -50.0])
+    assert m["forgetting"] == pytest.approx(-55.0)
+
+
+def test_one_task_and_partial_runs() -> None:
+    one = compute_metrics([[3]], [4, 4])
+    assert one["accuracy_per_task"] == [75.0] and one["forgetting"] is None
+    assert one["avg"] == one["last"] == 75.0
+    empty = compute_metrics([], [4])
+    assert empty["avg"] is None and empty["accuracy_per_task"] == []
+
+
+@pytest.mark.parametrize(
+    ("correct", "counts", "message"),
+    [
+        ([[1, 2]], [5, 5], "row 0"),
+        ([[6]], [5], "not in"),
+        ([[1], [1, 1], [1, 1, 1]], [5, 5], "3 rows"),
+        ([[0]], [0], "at least one"),
+    ],
+)
+def test_bad_counts(correct: list[list[int]], counts: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        compute_metrics(correct, counts)
+
+
+def test_mean_std_and_aggregate() -> None:
+    stats = mean_std([1.0, 2.0, 3.0])
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(1.0) and stats["n"] == 3
+    assert mean_std([4.0])["std"] == 0.0
+    assert mean_std([None, None])["mean"] is None
+    a = compute_metrics(CORRECT, COUNTS)
+    b = compute_metrics([[10], [10, 20], [10, 20, 10]], COUNTS)
+    summary = aggregate([a, b])
+    assert summary["last"]["mean"] == pytest.approx(80.0)
+    assert summary["last"]["std"] == pytest.approx(math.sqrt(2 * 20**2))
+    assert summary["forgetting"]["values"] == [pytest.approx(35.0), pytest.approx(0.0)]
+    assert [s["mean"] for s in summary["accuracy_per_task"]] == pytest.approx([90, 90, 80])

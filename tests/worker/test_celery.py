@@ -1,0 +1,167 @@
+"""Celery over a real Redis, real `dmc worker` processes and a real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from store.models import JobState
+from store.service import Store
+from tests.core.toy import COLOUR_NAMES
+from tests.worker.conftest import WorkerProcess
+from tests.worker.helpers import (
+    LONG,
+    assert_grows,
+    submit_task,
+    wait_finished,
+    wait_for,
+    wait_running,
+)
+from worker.celery_app import CeleryDispatcher
+from worker.dispatch import make_dispatcher
+from worker.settings import WorkerSettings
+
+pytestmark = pytest.mark.slow
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def dispatcher(pg_settings: WorkerSettings, pg_store: Store) -> CeleryDispatcher:
+    dispatcher = make_dispatcher(pg_settings, pg_store)
+    assert isinstance(dispatcher, CeleryDispatcher)
+    return dispatcher
+
+
+def logs(*workers: WorkerProcess) -> Callable[[], str]:
+    return lambda: "\n".join(f"--- {w.name}\n{w.log()[-3000:]}" for w in workers)
+
+
+def test_two_tasks_back_to_back_apply_in_order_with_two_workers(
+    pg_store: Store, dispatcher: CeleryDispatcher, start_worker: StartWorker
+) -> None:
+    workers = [start_worker("a"), start_worker("b")]
+    for worker in workers:
+        worker.wait_ready()
+    first = submit_task(pg_store, [0, 1])
+    dispatcher.submit(first.job.id)
+    second = submit_task(pg_store, [2, 3], seed=1)
+    dispatcher.submit(second.job.id)
+
+    progress: dict[int, list[float]] = {}
+    a, b = wait_finished(
+        pg_store, [first.job.id, second.job.id], progress=progress, message=logs(*workers)
+    )
+    assert (a.state, b.state) == (JobState.SUCCEEDED, JobState.SUCCEEDED), (a.error, b.error)
+    assert a.version_id is not None and b.version_id is not None
+    v1, v2 = pg_store.registry.get(a.version_id), pg_store.registry.get(b.version_id)
+    assert v1.parent_id is None and v2.parent_id == v1.id
+    assert pg_store.registry.class_names(v2.id) == COLOUR_NAMES[:4]
+    assert pg_store.registry.active() == v2
+    assert a.finished_at is not None and b.started_at is not None
+    assert a.finished_at <= b.started_at
+    assert v2.metrics["images_per_class"] == {"blue": 6, "yellow": 6}
+    assert v2.metrics["calibration"] is not None
+    for job in (a, b):
+        assert_grows(progress[job.id])
+    for worker in workers:
+        assert worker.stop() == 0, worker.log()[-3000:]
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_exactly_once(
+    pg_store: Store, dispatcher: CeleryDispatcher, start_worker: StartWorker
+) -> None:
+    doomed = start_worker("doomed")
+    first = submit_task(pg_store, [0, 1])
+    dispatcher.submit(first.job.id)
+    [done] = wait_finished(pg_store, [first.job.id], message=logs(doomed))
+    assert done.state is JobState.SUCCEEDED and done.version_id is not None
+    old = done.version_id
+
+    long = submit_task(pg_store, [2, 3], LONG, seed=1)
+    dispatcher.submit(long.job.id)
+    before = wait_running(pg_store, long.job.id)
+    doomed.kill()
+    after = pg_store.jobs.get(long.job.id)
+    assert after.state is JobState.RUNNING and after.attempts == 1
+    assert before.progress.percent <= after.progress.percent < 100
+
+    progress: dict[int, list[float]] = {}
+
+    def active_stays_old() -> None:
+        # Read `active` before the job: if the job had not succeeded by the second read,
+        # it had not by the first either, so `active` must still be the old version.
+        active = pg_store.registry.active()
+        assert active is not None
+        if active.id != old:
+            assert pg_store.jobs.get(long.job.id).state is JobState.SUCCEEDED
+        assert len(pg_store.registry.list()) <= 2
+
+    replacement = start_worker("replacement")
+    [job] = wait_finished(
+        pg_store,
+        [long.job.id],
+        watch=active_stays_old,
+        progress=progress,
+        message=logs(doomed, replacement),
+    )
+    assert job.state is JobState.SUCCEEDED, job.error
+    assert job.attempts == 2
+    versions = pg_store.registry.list()
+    assert [v.id for v in versions] == [job.version_id, old]
+    assert versions[0].parent_id == old
+    assert pg_store.registry.active() == versions[0]
+    assert pg_store.registry.class_names(versions[0].id) == COLOUR_NAMES[:4]
+    assert_grows([after.progress.percent, *progress[long.job.id]])
+    # Nothing half-written: one blob folder per version.
+    folders = {info.key.split("/")[1] for info in pg_store.objects.list("versions/")}
+    assert len(folders) == 2
+    assert "queued again" in replacement.log()
+
+
+def test_cancel_a_queued_and_a_running_job_then_fail_one_and_run_the_next(
+    pg_store: Store, dispatcher: CeleryDispatcher, start_worker: StartWorker
+) -> None:
+    worker = start_worker("w")
+    running = submit_task(pg_store, [0, 1], LONG)
+    waiting = submit_task(pg_store, [2, 3])
+    for submission in (running, waiting):
+        dispatcher.submit(submission.job.id)
+    wait_running(pg_store, running.job.id)
+
+    assert dispatcher.cancel(waiting.job.id).state is JobState.CANCELLED
+    assert dispatcher.cancel(running.job.id).state is JobState.CANCELLED
+
+    broken = submit_task(pg_store, [4, 5], broken=1)
+    good = submit_task(pg_store, [4, 5], seed=3)
+    for submission in (broken, good):
+        dispatcher.submit(submission.job.id)
+    ids = [s.job.id for s in (running, waiting, broken, good)]
+    x, y, f, g = wait_finished(pg_store, ids, message=logs(worker))
+    assert (x.state, y.state) == (JobState.CANCELLED, JobState.CANCELLED)
+    assert x.version_id is None and y.version_id is None and y.attempts == 0
+    assert f.state is JobState.FAILED
+    assert f.error is not None and "'broken-0.jpg' (class 'magenta')" in f.error
+    assert "cannot be decoded" in f.error
+    assert g.state is JobState.SUCCEEDED, g.error
+    [version] = pg_store.registry.list()
+    assert version.id == g.version_id and version.parent_id is None
+    assert pg_store.registry.active() == version
+    wait_for(lambda: not list(pg_store.objects.list("tasks/")), timeout=10, message="uploads to go")
+    assert worker.stop() == 0
+
+
+def test_a_warm_shutdown_hands_the_running_job_back(
+    pg_store: Store, dispatcher: CeleryDispatcher, start_worker: StartWorker
+) -> None:
+    worker = start_worker("w")
+    job = submit_task(pg_store, [0, 1], LONG).job
+    dispatcher.submit(job.id)
+    wait_running(pg_store, job.id)
+    assert worker.stop(timeout=20) == 0, worker.log()[-3000:]
+    info = pg_store.jobs.get(job.id)
+    assert info.state is JobState.QUEUED and info.attempts == 1
+    assert info.lease_expires_at is None
+    assert pg_store.registry.list() == []
+    assert "the worker is stopping; queued again" in worker.log()

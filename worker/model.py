@@ -1,0 +1,92 @@
+"""The learner a job builds on: the base model from the settings, or a version's state."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmc_core.backbone import BackboneSpec, load_backbone
+from dmc_core.config import LearnerConfig
+from dmc_core.learner import Learner
+from dmc_core.state import load_state
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+# Learner keys that may differ from task to task (the schedule); the others are fixed by
+# the first version (they shape the saved state) and come from it afterwards.
+SCHEDULE_PREFIXES = ("stage1.", "stage2.", "calibration.")
+SCHEDULE_KEYS = frozenset({"feature_batch_size"})
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def backbone_spec(settings: WorkerSettings) -> BackboneSpec:
+    return BackboneSpec(
+        name=settings.backbone_name,
+        pretrained=None if settings.backbone_checkpoint else settings.backbone_pretrained,
+        checkpoint=settings.backbone_checkpoint,
+        image_size=settings.backbone_image_size,
+    )
+
+
+def base_config(settings: WorkerSettings) -> LearnerConfig:
+    config = LearnerConfig().with_overrides(settings.learner_overrides)
+    config.device = resolve_device(settings.device)
+    config.precision = settings.precision
+    config.min_images_per_class = settings.min_images_per_class
+    return config
+
+
+def build_base_learner(settings: WorkerSettings) -> Learner:
+    """A learner with no classes on the configured base model."""
+    config = base_config(settings)
+    backbone = load_backbone(
+        backbone_spec(settings), device=config.device, cache_dir=settings.model_cache_dir
+    )
+    return Learner(backbone, config)
+
+
+def load_learner(folder: Path, settings: WorkerSettings) -> Learner:
+    """The learner saved in `folder`, on this worker's device, with the settings' schedule."""
+    learner = load_state(
+        folder, device=resolve_device(settings.device), cache_dir=settings.model_cache_dir
+    )
+    apply_schedule(learner, settings)
+    return learner
+
+
+def apply_schedule(learner: Learner, settings: WorkerSettings) -> None:
+    """Give a loaded learner the settings' schedule overrides, precision and minimum images
+    per class; the other overrides cannot change once there is a state (logged)."""
+    schedule: dict[str, Any] = {}
+    saved = learner.config.to_dict()
+    for key, value in settings.learner_overrides.items():
+        if key.startswith(SCHEDULE_PREFIXES) or key in SCHEDULE_KEYS:
+            schedule[key] = value
+        elif _lookup(saved, key) != value:
+            log.warning(
+                "learner override %s=%r is ignored: the state was saved with %r, and only "
+                "the schedule (stage1.*, stage2.*, calibration.*) can change between tasks",
+                key,
+                value,
+                _lookup(saved, key),
+            )
+    config = learner.config.with_overrides(schedule)
+    config.precision = settings.precision
+    config.min_images_per_class = settings.min_images_per_class
+    learner.config = config
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
