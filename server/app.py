@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import catalog
 from server.auth import Authenticator
 from server.batcher import Batcher
+from server.dashboard import router as dashboard
+from server.dashboard import session as dashboard_session
 from server.dependencies import Services
 from server.errors import install_handlers
 from server.metrics import Metrics, MetricsMiddleware
@@ -96,6 +101,21 @@ def _default_loader(store: Store, settings: ServerSettings) -> Loader:
 async def _upload_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, UploadError)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+def _mount_dashboard(app: FastAPI, settings: ServerSettings) -> None:
+    secret = settings.session_secret
+    app.add_middleware(
+        SessionMiddleware,
+        secret_key=secret.get_secret_value() if secret else secrets.token_urlsafe(32),
+        session_cookie=dashboard_session.COOKIE_NAME,
+        max_age=settings.session_max_age_seconds,
+        same_site="strict",
+        https_only=True,
+    )
+    app.include_router(dashboard.router)
+    app.mount("/admin/static", StaticFiles(directory=dashboard.STATIC_DIR), name="admin-static")
+    app.add_exception_handler(dashboard.NotSignedIn, dashboard.not_signed_in_handler)
 
 
 def create_app(
@@ -182,6 +202,7 @@ def create_app(
 
     metrics.watch_jobs(count_jobs)
     install_handlers(app)
+    _mount_dashboard(app, settings)
     app.add_exception_handler(UploadError, _upload_error)
     for module in (classes, predict, jobs, versions, keys, health):
         app.include_router(module.router)

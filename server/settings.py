@@ -31,6 +31,9 @@ class ServerSettings(WorkerSettings):
     # How long a verified key (or a refused one) is remembered before the store is asked
     # again: a revoked key stops working at most this long after.
     api_key_cache_seconds: float = Field(default=10.0, ge=0)
+    # Signs the admin dashboard's session cookie. Unset: a random secret per process, so
+    # sign-ins end on restart and do not carry across replicas.
+    session_secret: SecretStr | None = None
 
     # --- uploads (POST /classes) and predict input -----------------------------------
     # The whole request body, files included; more is answered with 413.
@@ -64,6 +67,10 @@ class ServerSettings(WorkerSettings):
     pinned_versions_cached: int = Field(default=2, ge=0)
     # Apply the database migrations at start; None: only in the embedded mode.
     migrate_on_start: bool | None = None
+
+    # --- admin dashboard (/admin) ----------------------------------------------------
+    # How long a dashboard sign-in lasts.
+    session_max_age_seconds: int = Field(default=8 * 3600, ge=60)
 
     @model_validator(mode="after")
     def _server_checks(self) -> Self:

@@ -54,6 +54,9 @@ class BackboneConfig:
     image_size: int | None = None
     # Where locally built models (the stand-in) are cached; None: ~/.cache/dmc.
     cache_dir: str | None = None
+    # Store the image tower's weights channels-last: ~1.5-2x faster convolutions on CPU
+    # (CNN towers such as the stand-in's); results stay deterministic.
+    channels_last: bool = False
 
     def spec(self) -> BackboneSpec:
         return BackboneSpec(self.name, self.pretrained, self.checkpoint, self.image_size)

@@ -277,6 +277,8 @@ class ExperimentRunner:
                 device=device,
                 cache_dir=self.config.backbone.cache_path(),
             )
+            if self.config.backbone.channels_last:
+                self._pristine.model.visual.to(memory_format=torch.channels_last)
             self.setup_seconds["load_backbone"] = time.perf_counter() - timer
         return copy.deepcopy(self._pristine)
 
@@ -423,6 +425,7 @@ class ExperimentRunner:
         learner_config = method.config
         base = {
             "backbone": self.config.backbone.spec().id,
+            "channels_last": self.config.backbone.channels_last,
             "precision": learner_config.precision,
             "device": torch.device(learner_config.device).type,
             "encoder": encoder,
