@@ -70,7 +70,7 @@ class Walkthrough:
         data = {"labels": [self.names[int(labels[i])] for i in index]}
         response = self.client.post("/classes", files=files, data=data)
         response.raise_for_status()
-        return response.json()  # type: ignore[no-any-return]
+        return response.json()
 
     def follow(self, job_id: int) -> dict[str, Any]:
         # disable=None: a live bar on a terminal, nothing in a log (the outcome is printed).
@@ -81,7 +81,7 @@ class Walkthrough:
                 bar.n = job["progress"]["percent"]
                 bar.refresh()
                 if job["state"] in ("succeeded", "failed", "cancelled"):
-                    return job  # type: ignore[no-any-return]
+                    return job
                 time.sleep(0.5)
 
     def predict(self, classes: list[int], version: int | None = None) -> tuple[float, list[str]]:

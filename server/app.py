@@ -115,7 +115,7 @@ def _mount_dashboard(app: FastAPI, settings: ServerSettings) -> None:
     )
     app.include_router(dashboard.router)
     app.mount("/admin/static", StaticFiles(directory=dashboard.STATIC_DIR), name="admin-static")
-    app.add_exception_handler(dashboard.NotSignedIn, dashboard.not_signed_in_handler)
+    app.add_exception_handler(dashboard.NotSignedInError, dashboard.not_signed_in_handler)
 
 
 def create_app(

@@ -22,6 +22,7 @@ resumed run ends with exactly the results of an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import shutil
@@ -280,7 +281,8 @@ class ExperimentRunner:
             if self.config.backbone.channels_last:
                 self._pristine.model.visual.to(memory_format=torch.channels_last)
             self.setup_seconds["load_backbone"] = time.perf_counter() - timer
-        return copy.deepcopy(self._pristine)
+        # Only the model is copied: the tokenizer and transforms are shared, read-only.
+        return dataclasses.replace(self._pristine, model=copy.deepcopy(self._pristine.model))
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:

@@ -29,14 +29,14 @@ FINISHED_SHOWN = 20
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
 
-class NotSignedIn(Exception):
+class NotSignedInError(Exception):
     """A page asked for without the session cookie: answered with a redirect to sign-in."""
 
 
 def require_session(request: Request) -> None:
     if not signed_in(request):
         if request.method == "GET":
-            raise NotSignedIn
+            raise NotSignedInError
         raise HTTPException(401, "sign in to the dashboard first (/admin/login)")
 
 

@@ -109,7 +109,9 @@ def test_resume_ends_with_the_results_of_an_uninterrupted_run(
     with pytest.raises(Stop):
         run_experiment(config, out, hook=after_first_task, **quiet)
     partial = json.loads((out / "progress" / "dmc_ot-seed1" / "partial.json").read_text())
-    assert partial["completed"] == 1 and (out / "progress" / "dmc_ot-seed1" / "state-task0").is_dir()
+    assert (
+        partial["completed"] == 1 and (out / "progress" / "dmc_ot-seed1" / "state-task0").is_dir()
+    )
     with pytest.raises(Stop):
         run_experiment(config, out, resume=True, hook=inside_stage2, **quiet)
     with pytest.raises(Stop):
@@ -120,10 +122,14 @@ def test_resume_ends_with_the_results_of_an_uninterrupted_run(
     assert "dmc_ot    seed 1 task 1/3" in log and "dmc_ot seed 2: resumed after task 1" in log
     assert _comparable(resumed) == _comparable(full)
     for name in ("finetune-seed2", "dmc_ot-seed2"):
-        a = load_file(str(tmp_path / "full" / "progress" / name / "state-task2" / "state.safetensors"))
+        a = load_file(
+            str(tmp_path / "full" / "progress" / name / "state-task2" / "state.safetensors")
+        )
         b = load_file(str(out / "progress" / name / "state-task2" / "state.safetensors"))
         assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    diagnostics = [d for run in full["runs"] if run["method"] == "dmc_ot" for d in run["diagnostics"]]
+    diagnostics = [
+        d for run in full["runs"] if run["method"] == "dmc_ot" for d in run["diagnostics"]
+    ]
     assert diagnostics[0] is None and diagnostics[1]["classes"]
     assert all(-1 <= c <= 1 for d in diagnostics[1:] for c in d["cosine_after"])
 
@@ -289,7 +295,10 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         assert results["environment"]["versions"]["torch"]
         assert results["runs"][0]["metrics"]["accuracy_matrix"][0][1] is None
         assert not list((out / "progress").glob("*/state-task*"))  # states go at the end
-    result = runner.invoke(app, ["report", str(tmp_path / "run1"), str(tmp_path / "run2"), "--out", str(tmp_path / "rep")])
+    result = runner.invoke(
+        app,
+        ["report", str(tmp_path / "run1"), str(tmp_path / "run2"), "--out", str(tmp_path / "rep")],
+    )
     assert result.exit_code == 0, result.output
     assert "| dmc_ot |" in result.output and "| 1, 2 |" in result.output
     assert (tmp_path / "rep" / "report.png").stat().st_size > 1000

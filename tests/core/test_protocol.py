@@ -102,7 +102,9 @@ def test_each_seed_fixes_order_and_train_subset_but_not_the_test_images() -> Non
     assert make_plan(config, dataset, 1).train_index.keys() == one.train_index.keys()
     for c in range(6):
         assert len(one.train_index[c]) == 4 and set(dataset.train.labels[one.train_index[c]]) == {c}
-        np.testing.assert_array_equal(make_plan(config, dataset, 1).train_index[c], one.train_index[c])
+        np.testing.assert_array_equal(
+            make_plan(config, dataset, 1).train_index[c], one.train_index[c]
+        )
         np.testing.assert_array_equal(one.eval_index[c], two.eval_index[c])
         assert len(one.eval_index[c]) == 3 and set(dataset.test.labels[one.eval_index[c]]) == {c}
     assert any(not np.array_equal(one.train_index[c], two.train_index[c]) for c in range(6))
@@ -116,9 +118,10 @@ def test_fixed_and_explicit_class_orders() -> None:
     assert make_plan(fixed, dataset, 1).order == class_order(6, seed=7)
     explicit = _config(class_order=[5, 4, 3, 2, 1, 0])
     assert make_plan(explicit, dataset, 1).tasks == [[5, 4], [3, 2], [1, 0]]
-    assert make_plan(_config(max_tasks=2), dataset, 1).tasks == make_plan(
-        _config(), dataset, 1
-    ).tasks[:2]
+    assert (
+        make_plan(_config(max_tasks=2), dataset, 1).tasks
+        == make_plan(_config(), dataset, 1).tasks[:2]
+    )
 
 
 def test_validation_split_is_held_out_of_train() -> None:

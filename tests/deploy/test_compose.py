@@ -4,6 +4,7 @@ CLI accepts and the settings read."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -48,8 +49,11 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in service.get("environment", {}).items()}
 
 
-def _settings_from(env: dict[str, str], cls: type[WorkerSettings], monkeypatch: pytest.MonkeyPatch) -> WorkerSettings:
-    for name in [n for n in __import__("os").environ if n.startswith("DMC_")]:
+def _settings_from(
+    env: dict[str, str], cls: type[WorkerSettings], monkeypatch: pytest.MonkeyPatch
+) -> WorkerSettings:
+    """The settings a container with `env` reads (${VAR} placeholders filled in)."""
+    for name in [n for n in os.environ if n.startswith("DMC_")]:
         monkeypatch.delenv(name)
     resolved = {k: re.sub(r"\$\{(\w+)(:[-?][^}]*)?\}", "x" * 32, v) for k, v in env.items()}
     for name, value in resolved.items():
@@ -103,10 +107,12 @@ def test_services_point_at_each_other(
                 assert "healthcheck" in services[dependency], dependency
 
 
-def test_api_port_and_health_check(compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_port_and_health_check(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     api = compose["services"]["api"]
     settings = _settings_from(_env(api), ServerSettings, monkeypatch)
-    command, args = _cli_command(_command(api))
+    _, args = _cli_command(_command(api))
     port = int(args[args.index("--port") + 1])
     assert port == settings.port
     assert api["ports"] == [f"{port}:{port}"]
@@ -114,7 +120,7 @@ def test_api_port_and_health_check(compose: dict[str, Any], monkeypatch: pytest.
     assert f"localhost:{port}/healthz" in check
     from server.app import create_app
 
-    paths = {route.path for route in create_app(settings).routes}  # type: ignore[attr-defined]
+    paths = create_app(settings).openapi()["paths"]
     assert "/healthz" in paths and "/readyz" in paths
     assert f"EXPOSE {port}" in (ROOT / "Dockerfile").read_text()
 
