@@ -37,6 +37,24 @@ def db_upgrade(
     typer.echo(f"database at {target} is at revision {revision}")
 
 
+@db_app.command("collect-garbage")
+def db_collect_garbage(
+    grace_seconds: Annotated[
+        float | None,
+        typer.Option(help="leave blobs younger than this; default DMC_GC_GRACE_SECONDS"),
+    ] = None,
+) -> None:
+    """Delete version blobs and task uploads that no row references (orphans of a crash)."""
+    from store.service import Store
+
+    store = Store.open()
+    try:
+        removed = store.collect_garbage(grace_seconds=grace_seconds)
+    finally:
+        store.close()
+    typer.echo(f"removed {len(removed)} unreferenced objects")
+
+
 @app.command()
 def demo(
     port: Annotated[int, typer.Option(help="port of the demo server")] = 8000,
