@@ -10,6 +10,10 @@ APT_PACKAGES := dataset-fashion-mnist chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline stand-in model is built once per checkout into this folder.
 export DMC_TEST_CACHE ?= $(CURDIR)/.cache/test-models
+# The integration tests' servers; set here so that an unreachable one fails the run
+# instead of skipping its tests.
+export DMC_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
+export DMC_TEST_REDIS_URL ?= redis://127.0.0.1:6379/9
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1

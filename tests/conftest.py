@@ -5,6 +5,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _no_dmc_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings in the tests come from the tests, not from the developer's shell."""
+    for name in list(os.environ):
+        if name.startswith("DMC_") and not name.startswith("DMC_TEST_"):
+            monkeypatch.delenv(name)

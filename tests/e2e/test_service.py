@@ -28,16 +28,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from dmc_core.backbone import load_backbone, save_checkpoint
-from store.db import upgrade_database
 from tests.core.toy import COLOUR_NAMES, colour_images
+from tests.services import delete_redis_keys, postgres_database, redis_client
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
 ADMIN_KEY = "e2e-bootstrap-admin-key-0123456789"
 LEARNER_OVERRIDES = {
     "stage1.epochs": 1,
@@ -50,64 +46,21 @@ LEARNER_OVERRIDES = {
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
-def _no_dmc_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("DMC_") and not name.startswith("DMC_TEST_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database, dropped at the end."""
-    explicit = os.environ.get("DMC_TEST_POSTGRES_URL")
-    server = make_url(explicit or DEFAULT_POSTGRES_URL).set(drivername="postgresql+psycopg")
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"dmc_e2e_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:
-        admin.dispose()
-        if explicit:
-            raise
-        pytest.skip(f"PostgreSQL at {server.render_as_string()} is not reachable: {error}")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade_database(url)
+    with postgres_database("dmc_e2e") as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
 def redis_queue() -> Iterator[tuple[str, str]]:
     """(broker URL, a queue name of this test); the queue's keys are deleted at the end."""
-    import redis
-
-    explicit = os.environ.get("DMC_TEST_REDIS_URL")
-    url = explicit or DEFAULT_REDIS_URL
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except Exception as error:
-        client.close()
-        if explicit:
-            raise
-        pytest.skip(f"Redis at {url} is not reachable: {error}")
     queue = f"dmc-e2e-{uuid.uuid4().hex[:10]}"
-    try:
-        yield url, queue
-    finally:
-        for key in client.scan_iter(match=f"*{queue}*"):
-            client.delete(key)
-        for tag, payload in client.hscan_iter("unacked"):
-            if queue.encode() in payload:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)
-        client.close()
+    with redis_client() as (url, client):
+        try:
+            yield url, queue
+        finally:
+            delete_redis_keys(client, queue)
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ SQLite database and objects folder, with the embedded job dispatcher."""
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -40,14 +39,6 @@ LEARNER_OVERRIDES: dict[str, Any] = {
     "calibration.samples_per_class": 16,
     "feature_batch_size": 64,
 }
-
-
-@pytest.fixture(autouse=True)
-def _no_dmc_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings in the tests come from the tests, not from the developer's shell."""
-    for name in list(os.environ):
-        if name.startswith("DMC_") and not name.startswith("DMC_TEST_"):
-            monkeypatch.delenv(name)
 
 
 def png(image: Image.Image, fmt: str = "PNG") -> bytes:

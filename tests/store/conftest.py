@@ -9,7 +9,6 @@ if it is set, they fail instead.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -18,46 +17,18 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from store.db import Database, upgrade_database
 from store.models import Base
 from store.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from store.settings import StoreSettings
-
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(autouse=True)
-def _no_dmc_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings in the tests come from the tests, not from the developer's shell."""
-    for name in list(os.environ):
-        if name.startswith("DMC_") and not name.startswith("DMC_TEST_"):
-            monkeypatch.delenv(name)
+from tests.services import postgres_database
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    explicit = os.environ.get("DMC_TEST_POSTGRES_URL")
-    server = make_url(explicit or DEFAULT_POSTGRES_URL).set(drivername="postgresql+psycopg")
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"dmc_store_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:
-        admin.dispose()
-        if explicit:
-            raise
-        pytest.skip(f"PostgreSQL at {server.render_as_string()} is not reachable: {error}")
-    url = server.set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade_database(url)
+    with postgres_database("dmc_store_test") as url:
         yield url
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="session")

@@ -21,25 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from store.db import upgrade_database
 from store.service import Store
+from tests.services import delete_redis_keys, postgres_database, redis_client
 from tests.worker.helpers import make_checkpoint, settings_env
 from worker.settings import WorkerSettings
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/9"
-
-
-@pytest.fixture(autouse=True)
-def _no_dmc_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings in the tests come from the tests, not from the developer's shell."""
-    for name in list(os.environ):
-        if name.startswith("DMC_") and not name.startswith("DMC_TEST_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")
@@ -51,43 +40,17 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def postgres_template() -> Iterator[tuple[Any, str]]:
-    """(server URL, name of a migrated template database) for this session."""
-    explicit = os.environ.get("DMC_TEST_POSTGRES_URL")
-    server = make_url(explicit or DEFAULT_POSTGRES_URL).set(drivername="postgresql+psycopg")
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"dmc_worker_tmpl_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as error:
-        admin.dispose()
-        if explicit:
-            raise
-        pytest.skip(f"PostgreSQL at {server.render_as_string()} is not reachable: {error}")
-    try:
-        upgrade_database(server.set(database=name).render_as_string(hide_password=False))
-        yield server, name
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def postgres_template() -> Iterator[str]:
+    """The name of a migrated template database for this session."""
+    with postgres_database("dmc_worker_tmpl") as url:
+        yield make_url(url).database or ""
 
 
 @pytest.fixture
-def postgres_url(postgres_template: tuple[Any, str]) -> Iterator[str]:
+def postgres_url(postgres_template: str) -> Iterator[str]:
     """A fresh, migrated PostgreSQL database for one test."""
-    server, template = postgres_template
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    name = f"dmc_worker_test_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    try:
-        yield server.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with postgres_database("dmc_worker_test", template=postgres_template) as url:
+        yield url
 
 
 # --- Redis -----------------------------------------------------------------------------
@@ -96,46 +59,12 @@ def postgres_url(postgres_template: tuple[Any, str]) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def redis_session() -> Iterator[tuple[str, str]]:
     """(broker URL, prefix of this session's queue names); the keys go at the end."""
-    import redis
-
-    explicit = os.environ.get("DMC_TEST_REDIS_URL")
-    url = explicit or DEFAULT_REDIS_URL
-    client = redis.Redis.from_url(url)
-    try:
-        client.ping()
-    except Exception as error:
-        client.close()
-        if explicit:
-            raise
-        pytest.skip(f"Redis at {url} is not reachable: {error}")
     prefix = f"dmc-test-{uuid.uuid4().hex[:10]}"
-    try:
-        yield url, prefix
-    finally:
-        _delete_session_keys(client, prefix)
-        client.close()
-
-
-def _delete_session_keys(client: Any, prefix: str) -> None:
-    """This session's queues and bindings, the unacknowledged messages of its queues that a
-    killed worker left in kombu's shared `unacked` hash, and the remote-control mailboxes
-    of its workers (their node names carry the prefix too)."""
-    for key in client.scan_iter(match=f"*{prefix}*"):
-        client.delete(key)
-    for tag, payload in client.hscan_iter("unacked"):
-        if prefix.encode() in payload:
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
-    pidbox = "_kombu.binding.celery.pidbox"
-    for member in client.smembers(pidbox):
-        if prefix.encode() in member:
-            client.srem(pidbox, member)
-    deadlines = "_kombu.binding_deadlines"
-    for member in client.zrange(deadlines, 0, -1):
-        if prefix.encode() in member:
-            client.zrem(deadlines, member)
-    if not client.exists(pidbox):
-        client.zrem(deadlines, "celery.pidbox")
+    with redis_client() as (url, client):
+        try:
+            yield url, prefix
+        finally:
+            delete_redis_keys(client, prefix)
 
 
 @pytest.fixture
