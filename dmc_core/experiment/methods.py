@@ -9,9 +9,12 @@
 - `dmc`: DMC (the learner's method "dmc").
 - `dmc_ot`: DMC-OT (method "dmc_ot": OT calibration of the memory + task tokens).
 - `joint`: the upper bound. After each task t, a fresh learner (the pretrained backbone,
-  new LoRA and prompts) learns the train images of all tasks 0..t as one task with DMC's
-  settings: stage 1 cross-entropy over all classes seen so far, stage 2 on their real
-  features (nothing to replay). It costs 1 + 2 + ... + T tasks' worth of training.
+  new LoRA and prompts) learns the train images of all tasks 0..t as one task, with
+  DMC-OT's model and settings (LoRA, shared context and one set of task tokens, as the
+  data is one task): stage 1 cross-entropy over all classes seen so far, stage 2 on their
+  real features. With one task there is nothing to replay or calibrate. It costs
+  1 + 2 + ... + T tasks' worth of training. `method_overrides: {joint: {method: dmc}}`
+  makes it DMC's model instead.
 
 Every method is evaluated the same way: the image features of the test images (under its
 current encoder) against the text prototypes of all classes seen so far.
@@ -275,7 +278,7 @@ class Joint(LearnerMethod):
 
     @classmethod
     def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
-        return base.with_overrides({"method": "dmc"})
+        return base.with_overrides({"method": "dmc_ot"})
 
     def learn(
         self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback

@@ -286,10 +286,20 @@ class ExperimentRunner:
 
     # -------------------------------------------------------------------- run
     def run(self) -> dict[str, Any]:
+        threads = torch.get_num_threads()
+        if self.config.threads is not None:
+            torch.set_num_threads(self.config.threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        self._prepare_folder()
+        # Refuse a bad dataset or protocol before anything is written.
         dataset = self.dataset
         plans = [make_plan(self.config, dataset, seed) for seed in self.config.seeds]
+        self._prepare_folder()
         n_tasks = len(plans[0].tasks)
         self.log(
             f"{self.config.name}: {dataset.name} ({dataset.n_classes} classes), "
@@ -298,7 +308,10 @@ class ExperimentRunner:
         )
         for plan in plans:
             for method in self.config.methods:
-                self._run_one(method, plan)
+                if self._run_one(method, plan):
+                    # Partial results after every finished run, for a look while it goes on.
+                    partial = self.results(plans, complete=False, wall=0.0)
+                    _write_json(self.out / RESULTS_FILE, partial)
         results = self.results(plans, complete=True, wall=time.perf_counter() - started)
         self._write_outputs(results)
         if not self.config.keep_states:
@@ -333,13 +346,14 @@ class ExperimentRunner:
                 )
         return partial
 
-    def _run_one(self, method_name: str, plan: SeedPlan) -> None:
+    def _run_one(self, method_name: str, plan: SeedPlan) -> bool:
+        """Run (the rest of) one method on one seed; False if it was already finished."""
         dataset = self.dataset
         folder = self._progress_dir(method_name, plan.seed)
         partial = self._load_partial(method_name, plan)
         n_tasks = len(plan.tasks)
         if partial["completed"] >= n_tasks:
-            return
+            return False
         folder.mkdir(parents=True, exist_ok=True)
         config = self.config.learner_config(method_name, plan.seed)
         method = get_method_class(method_name)(self._fresh_backbone, config)
@@ -364,6 +378,7 @@ class ExperimentRunner:
                     shutil.rmtree(old, ignore_errors=True)
             self.log(_summary_line(method_name, plan, t, partial))
             self.hook(Event("task_end", method_name, plan.seed, t))
+        return True
 
     def _run_task(
         self, method: Method, plan: SeedPlan, t: int, seen: list[TaskData], diagnose: bool

@@ -136,7 +136,7 @@ def test_ucf101_and_imagenet_r_names(tmp_path: Path) -> None:
     ],
 )
 def test_missing_folder_says_what_to_put_where(name: str, expected: str, tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="Nothing is downloaded|apt-get") as info:
+    with pytest.raises(DatasetError, match=r"Nothing is downloaded|apt-get") as info:
         get_dataset(name, root=str(tmp_path / "absent"))
     assert expected in str(info.value)
     assert not (tmp_path / "absent").exists()

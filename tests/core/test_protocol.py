@@ -26,7 +26,7 @@ def test_parse(text: str, base: int, increment: int) -> None:
 
 @pytest.mark.parametrize("text", ["", "B0", "Inc10", "B-1-Inc10", "B0-Inc0", "0-10", "B0-Inc10x"])
 def test_parse_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="B<base>-Inc<increment>|at least 1"):
+    with pytest.raises(ValueError, match=r"B<base>-Inc<increment>|at least 1"):
         Protocol.parse(text)
 
 
