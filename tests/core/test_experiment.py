@@ -314,3 +314,20 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     )
     assert bad.exit_code == 2 and "unknown dataset 'cifar10'" in bad.output
     assert not bad_out.exists()  # nothing written for a run that cannot start
+
+
+def test_none_calibrator_leaves_the_memory_alone() -> None:
+    import torch
+
+    from dmc_core.calibration import get_calibrator
+    from dmc_core.memory import GaussianMemory
+
+    memory = GaussianMemory()
+    memory.add_class(0, torch.randn(8, 4, generator=torch.Generator().manual_seed(0)))
+    mean, cov = memory.mean(0), memory.covariance(0)
+    features = torch.randn(6, 4)
+    report = get_calibrator("none").calibrate(
+        memory, features, features + 1, torch.zeros(6, dtype=torch.long), torch.Generator()
+    )
+    assert report.method == "none" and report.class_indices == [0]
+    assert torch.equal(memory.mean(0), mean) and torch.equal(memory.covariance(0), cov)
