@@ -22,6 +22,7 @@ __all__ = [
     "CalibrationReport",
     "Calibrator",
     "ClassLevelCalibrator",
+    "NoCalibration",
     "SinkhornCalibrator",
     "get_calibrator",
     "list_calibrators",
@@ -309,6 +310,24 @@ class ClassLevelCalibrator(Calibrator):
         moved = old_means + plan @ new_class_drift
         moved_means = {c: moved[i] for i, c in enumerate(classes)}
         return _apply(self.name, memory, moved_means, marginal_error=error)
+
+
+@register_calibrator("none")
+@dataclass
+class NoCalibration(Calibrator):
+    """Moves nothing: DMC-OT without its calibration (an ablation; task tokens only)."""
+
+    def calibrate(
+        self,
+        memory: GaussianMemory,
+        old_features: torch.Tensor,
+        new_features: torch.Tensor,
+        new_labels: torch.Tensor,
+        generator: torch.Generator,
+    ) -> CalibrationReport:
+        n = len(memory)
+        zeros = torch.zeros(n, dtype=torch.float64)
+        return CalibrationReport(self.name, memory.class_indices, zeros, zeros.clone(), None)
 
 
 # ---------------------------------------------------------------- diagnostic

@@ -38,7 +38,6 @@ from dmc_core.adapters import adapter_state_dict
 from dmc_core.backbone import Backbone
 from dmc_core.config import LearnerConfig
 from dmc_core.data.images import ConcatImages, Images
-from dmc_core.experiment import ablations  # noqa: F401  (registers the 'none' calibrator)
 from dmc_core.experiment.features import tensor_hash
 from dmc_core.learner import Learner, ProgressCallback, TaskReport
 from dmc_core.state import load_state, save_state
