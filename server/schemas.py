@@ -35,18 +35,7 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: JobInfo) -> JobOut:
-        return cls(
-            id=job.id,
-            task_id=job.task_id,
-            state=job.state,
-            progress=ProgressOut(**job.progress.as_json()),
-            error=job.error,
-            attempts=job.attempts,
-            created_at=job.created_at,
-            started_at=job.started_at,
-            finished_at=job.finished_at,
-            version_id=job.version_id,
-        )
+        return cls.model_validate(job, from_attributes=True)
 
 
 class SubmissionOut(BaseModel):
@@ -85,16 +74,9 @@ class VersionOut(BaseModel):
 
     @classmethod
     def of(cls, info: VersionInfo, *, active_id: int | None) -> VersionOut:
+        fields = {name: getattr(info, name) for name in cls.model_fields if name != "active"}
         return cls(
-            id=info.id,
-            parent_id=info.parent_id,
-            created_at=info.created_at,
-            class_count=info.class_count,
-            new_classes=list(info.new_classes),
-            metrics=info.metrics,
-            size_bytes=info.size_bytes,
-            checksum=info.checksum,
-            active=info.id == active_id,
+            **fields | {"new_classes": list(info.new_classes), "active": info.id == active_id}
         )
 
 
