@@ -17,7 +17,6 @@ from starlette.datastructures import Headers
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import catalog
 from server.auth import Authenticator
 from server.batcher import Batcher
 from server.dashboard import router as dashboard
@@ -198,7 +197,7 @@ def create_app(
 
     def count_jobs() -> dict[str, int]:
         services: Services | None = app.state.services
-        return catalog.job_counts(services.store.db) if services else {}
+        return services.store.jobs.counts() if services else {}
 
     metrics.watch_jobs(count_jobs)
     install_handlers(app)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from store.jobs import JobInfo, Submission
 from store.models import JobState
+from store.names import MAX_NAME_LENGTH
 from store.registry import VersionInfo
 
 Scope = Literal["predict", "admin"]
@@ -126,7 +127,7 @@ class ReadyOut(BaseModel):
 
 
 class ApiKeyCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH)
     scopes: list[Scope] = Field(min_length=1)
 
 

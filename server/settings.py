@@ -10,6 +10,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
 
+from store.names import MAX_NAME_LENGTH
 from worker.settings import WorkerSettings
 
 MIB = 1024 * 1024
@@ -44,7 +45,7 @@ class ServerSettings(WorkerSettings):
     max_image_pixels: int = Field(default=40_000_000, ge=1)
     # Images in one upload (POST /classes).
     max_upload_images: int = Field(default=10_000, ge=1)
-    max_class_name_length: int = Field(default=100, ge=1, le=200)
+    max_class_name_length: int = Field(default=100, ge=1, le=MAX_NAME_LENGTH)
     # Images in one POST /predict request.
     max_predict_images: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)

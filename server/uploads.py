@@ -14,7 +14,6 @@ import io
 import re
 import stat
 import tarfile
-import unicodedata
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import IO, Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.settings import ServerSettings
+from store.names import class_name_problem, normalize_class_name
 from store.uploads import UploadedImage
 
 # Files that archivers and desktops add; they are skipped, not refused.
@@ -140,19 +140,10 @@ def decode_image(
 def clean_class_name(raw: str, max_length: int, *, where: str) -> str:
     """A class name as stored: Unicode NFC, without surrounding spaces; refused if empty,
     over `max_length` characters, or holding control characters."""
-    name = unicodedata.normalize("NFC", raw).strip()
-    if not name:
-        raise UploadError(422, f"{where}: the class name is empty; give every class a name")
-    if len(name) > max_length:
-        raise UploadError(
-            422,
-            f"{where}: the class name {name[:40]!r}... is {len(name)} characters; at most "
-            f"{max_length} are allowed",
-        )
-    if any(unicodedata.category(c)[0] == "C" for c in name):
-        raise UploadError(
-            422, f"{where}: the class name {name!r} holds control characters; remove them"
-        )
+    name = normalize_class_name(raw)
+    problem = class_name_problem(name, max_length)
+    if problem is not None:
+        raise UploadError(422, f"{where}: {problem}")
     return name
 
 

@@ -18,18 +18,23 @@ from store.errors import (
     VersionInUseError,
     VersionNotFoundError,
 )
-from store.jobs import JobInfo, Jobs, Progress, Submission, TaskInfo
-from store.models import ACTIVE_ALIAS, JobState
+from store.jobs import JobInfo, Jobs, Progress, Submission
+from store.models import ACTIVE_ALIAS, PENDING_STATES, JobState
+from store.names import MAX_NAME_LENGTH
 from store.objects import LocalObjectStore, ObjectStore, S3ObjectStore, make_object_store
 from store.registry import Registry, StateSource, VersionInfo
 from store.service import Store
 from store.settings import StoreSettings
+from store.tasks import ClassRow, TaskInfo, Tasks
 from store.uploads import TaskUploads, UploadedImage
 
 __all__ = [
     "ACTIVE_ALIAS",
+    "MAX_NAME_LENGTH",
+    "PENDING_STATES",
     "ApiKeyInfo",
     "ApiKeys",
+    "ClassRow",
     "Database",
     "DuplicateClassError",
     "IdempotencyConflictError",
@@ -56,6 +61,7 @@ __all__ = [
     "TaskInfo",
     "TaskNotFoundError",
     "TaskUploads",
+    "Tasks",
     "UploadedImage",
     "VersionInUseError",
     "VersionInfo",

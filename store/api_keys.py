@@ -14,6 +14,7 @@ from sqlalchemy import delete, select
 
 from store.db import Database
 from store.models import ApiKey, utcnow
+from store.names import MAX_NAME_LENGTH
 
 KEY_PREFIX = "dmc_"
 
@@ -38,8 +39,8 @@ class ApiKeys:
     def create(self, name: str, scopes: Iterable[str]) -> tuple[ApiKeyInfo, str]:
         """Create a key; returns its record and the plaintext key (not retrievable later)."""
         scope_list = sorted(set(scopes))
-        if not name.strip() or len(name) > 200:
-            raise ValueError("an API key name is 1 to 200 characters, not blank")
+        if not name.strip() or len(name) > MAX_NAME_LENGTH:
+            raise ValueError(f"an API key name is 1 to {MAX_NAME_LENGTH} characters, not blank")
         plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
         with self.db.write() as session:
             row = ApiKey(
@@ -51,7 +52,7 @@ class ApiKeys:
 
     def verify(self, key: str | None) -> frozenset[str] | None:
         """The scopes of `key`, or None if it is not a valid key."""
-        if not key or not key.startswith(KEY_PREFIX) or len(key) > 200:
+        if not key or not key.startswith(KEY_PREFIX) or len(key) > MAX_NAME_LENGTH:
             return None
         digest = hash_key(key)
         with self.db.read() as session:

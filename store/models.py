@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from store.names import MAX_NAME_LENGTH
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_name)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -69,6 +71,10 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+# A job in one of these states still has to run (or finish running).
+PENDING_STATES = (JobState.QUEUED, JobState.RUNNING)
+
+
 JOB_STATE_TYPE = Enum(
     JobState,
     name="job_state",
@@ -110,7 +116,7 @@ class ClassRecord(Base):
     __tablename__ = "classes"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), unique=True)
     # Position among the classes its version introduced: the learner's label order.
     ordinal: Mapped[int] = mapped_column(Integer)
     version_id: Mapped[int] = mapped_column(
@@ -128,7 +134,7 @@ class Task(Base):
     __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(MAX_NAME_LENGTH), unique=True)
     class_names: Mapped[list[str]] = mapped_column(JSON)
     image_counts: Mapped[list[int]] = mapped_column(JSON)
     # Prefix of the uploaded images in the object store; None once they are deleted.
@@ -164,7 +170,7 @@ class Job(Base):
     # the latest run. `attempts` doubles as the fencing token of the current run (see
     # `Jobs.claim_next`).
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    worker: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(MAX_NAME_LENGTH))
 
 
 class Alias(Base):
@@ -184,7 +190,7 @@ class ApiKey(Base):
     __table_args__ = ({"sqlite_autoincrement": True},)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

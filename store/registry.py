@@ -31,7 +31,9 @@ from store.errors import (
 )
 from store.garbage import collect_unreferenced
 from store.models import ACTIVE_ALIAS, Alias, ClassRecord, Task, Version, utcnow
+from store.names import class_name_problem
 from store.objects import ObjectStore, fresh_prefix, state_checksum, validate_key
+from store.tasks import learned_names
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +127,7 @@ class Registry:
             except IntegrityError as error:
                 if names:
                     with self.db.read() as session:
-                        taken = _taken_names(session, names)
+                        taken = learned_names(session, names)
                     if taken:
                         raise DuplicateClassError(taken) from error
                 raise
@@ -168,7 +170,7 @@ class Registry:
             if newest != parent_id:
                 raise StaleParentError(parent_id, newest)
         if names:
-            taken = _taken_names(session, names)
+            taken = learned_names(session, names)
             if taken:
                 raise DuplicateClassError(taken)
         if class_count is None:
@@ -375,10 +377,6 @@ def _new_classes(session: Session, version_id: int) -> list[str]:
     )
 
 
-def _taken_names(session: Session, names: Sequence[str]) -> list[str]:
-    return list(session.scalars(select(ClassRecord.name).where(ClassRecord.name.in_(names))))
-
-
 def _point_alias(session: Session, name: str, version_id: int) -> None:
     dialect = session.get_bind().dialect.name
     values = {"name": name, "version_id": version_id, "updated_at": utcnow()}
@@ -417,8 +415,9 @@ def _validate_class_names(names: Sequence[str]) -> tuple[str, ...]:
         raise TypeError("new_classes is a sequence of class names, not one string")
     cleaned = tuple(names)
     for name in cleaned:
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise ValueError(f"invalid class name {name!r}: 1 to 200 characters, not blank")
+        problem = class_name_problem(name) if isinstance(name, str) else "not a string"
+        if problem is not None:
+            raise ValueError(f"invalid class name {name!r}: {problem}")
     duplicates = sorted({n for n in cleaned if cleaned.count(n) > 1})
     if duplicates:
         raise ValueError(f"class names given more than once: {', '.join(duplicates)}")

@@ -10,6 +10,7 @@ from store.jobs import Jobs
 from store.objects import ObjectStore, make_object_store
 from store.registry import Registry
 from store.settings import StoreSettings
+from store.tasks import Tasks
 from store.uploads import TaskUploads
 
 
@@ -20,6 +21,7 @@ class Store:
     objects: ObjectStore
     registry: Registry
     jobs: Jobs
+    tasks: Tasks
     uploads: TaskUploads
     api_keys: ApiKeys
 
@@ -44,6 +46,7 @@ class Store:
             objects=objects,
             registry=Registry(db, objects, gc_grace_seconds=settings.gc_grace_seconds),
             jobs=jobs,
+            tasks=jobs.tasks,
             uploads=TaskUploads(
                 objects,
                 jobs,

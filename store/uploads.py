@@ -87,10 +87,10 @@ class TaskUploads:
     def release(self, task_id: int) -> bool:
         """Delete a task's images (call it once its job has published a version), unless
         the settings keep uploads. Returns whether anything was deleted."""
-        task = self.jobs.get_task(task_id)
+        task = self.jobs.tasks.get(task_id)
         if self.keep_uploads or task.uploads_location is None:
             return False
-        self.jobs.set_uploads_location(task_id, None)
+        self.jobs.tasks.set_uploads_location(task_id, None)
         self.discard(task.uploads_location)
         return True
 
@@ -104,4 +104,6 @@ class TaskUploads:
     def collect_garbage(self, *, grace_seconds: float | None = None) -> list[str]:
         """Remove uploads no task references (saved, then the request failed or crashed)."""
         grace = self.gc_grace_seconds if grace_seconds is None else grace_seconds
-        return collect_unreferenced(self.objects, TASKS_ROOT, self.jobs.uploads_locations, grace)
+        return collect_unreferenced(
+            self.objects, TASKS_ROOT, self.jobs.tasks.uploads_locations, grace
+        )

@@ -279,7 +279,7 @@ class JobRunner:
         started = time.perf_counter()
         store = self.store
         progress.phase("load", LOAD_PERCENT)
-        task = store.jobs.get_task(job.task_id)
+        task = store.jobs.tasks.get(job.task_id)
         if task.uploads_location is None:
             raise JobFailedError(
                 f"the images of task {task.id} are no longer stored, so it cannot be learned; "

@@ -13,13 +13,12 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
-from server import catalog
 from server.auth import SCOPE_ADMIN
 from server.dashboard import plots
 from server.dashboard.session import SESSION_KEY, signed_in
 from server.dependencies import ServicesDep
 from server.schemas import JobOut
-from store.models import JobState
+from store.models import PENDING_STATES, JobState
 from store.registry import VersionInfo
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
@@ -174,9 +173,7 @@ async def jobs_page(request: Request, _: SignedIn) -> HTMLResponse:
 async def jobs_json(services: ServicesDep, _: SignedIn) -> JSONResponse:
     """What the jobs page polls: pending jobs, then the last finished ones."""
     jobs = services.store.jobs
-    pending = await asyncio.to_thread(
-        jobs.list, states=[JobState.QUEUED, JobState.RUNNING], limit=200
-    )
+    pending = await asyncio.to_thread(jobs.list, states=PENDING_STATES, limit=200)
     finished = await asyncio.to_thread(
         jobs.list,
         states=[JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED],
@@ -203,7 +200,7 @@ async def cancel(job_id: int, services: ServicesDep, _: SignedIn) -> Response:
 async def classes_page(
     request: Request, services: ServicesDep, _: SignedIn, q: str = ""
 ) -> HTMLResponse:
-    rows = await asyncio.to_thread(catalog.learned_classes, services.store.db)
+    rows = await asyncio.to_thread(services.store.tasks.learned_classes)
     query = q.strip().lower()
     matches = [row for row in rows if query in row.name.lower()] if query else rows
     return _page(request, "classes.html", q=q, rows=matches, total=len(rows))

@@ -9,7 +9,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 
-from server import catalog
 from server.dependencies import AdminAccess, ReadAccess, Services, ServicesDep
 from server.errors import error, responses
 from server.schemas import ClassOut, SubmissionOut
@@ -21,6 +20,7 @@ from server.uploads import (
     parse_labelled_files,
 )
 from store.jobs import Submission
+from store.names import MAX_NAME_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ async def list_classes(services: ServicesDep, _: ReadAccess) -> list[ClassOut]:
     store = services.store
 
     def read() -> list[ClassOut]:
-        rows = catalog.learned_classes(store.db)
+        rows = store.tasks.learned_classes()
         active = store.registry.active()
         known = set(store.registry.class_names(active.id)) if active else set()
         return [
@@ -79,12 +79,10 @@ def _check(services: Services, key: str | None, parsed: ParsedUpload) -> Submiss
     of the upload is learned or queued already (409 otherwise)."""
     store = services.store
     if key is not None:
-        earlier = catalog.find_submission(
-            store.db, store.jobs, key, parsed.class_names, parsed.image_counts, parsed.digest
-        )
+        earlier = store.jobs.replay(key, parsed.class_names, parsed.image_counts, parsed.digest)
         if earlier is not None:
             return earlier
-    learned, pending = catalog.taken_class_names(store.db, parsed.class_names)
+    learned, pending = store.tasks.taken_class_names(parsed.class_names)
     if learned or pending:
         parts = [f"{n!r} (learned)" for n in learned]
         parts += [f"{n!r} (queued in task {t})" for n, t in sorted(pending.items())]
@@ -128,7 +126,7 @@ async def add_classes(
         Header(
             alias="Idempotency-Key",
             min_length=1,
-            max_length=200,
+            max_length=MAX_NAME_LENGTH,
             description="Retry-safe submits: the same key with the same classes and image "
             "counts returns the first response; with others, 409.",
         ),

@@ -111,7 +111,7 @@ def test_labelled_files_and_a_tar_gz_are_accepted(server_factory: Callable[..., 
     )
     assert response.status_code == 202, response.text
     assert response.json()["class_names"] == ["blue", "yellow"]
-    task = server.store.jobs.get_task(response.json()["task_id"])
+    task = server.store.jobs.tasks.get(response.json()["task_id"])
     assert task.activate is False
     stored = server.store.uploads.load(task.uploads_location or "")
     assert sorted(u.class_name for u in stored) == ["blue"] * 3 + ["yellow"] * 3
@@ -296,7 +296,7 @@ def test_idempotency_key_replays_and_conflicts(idle_server: Server) -> None:
     assert same_counts.status_code == 409, same_counts.text
     assert "images" in same_counts.json()["detail"]
     assert len(idle_server.store.jobs.list()) == 1
-    locations = idle_server.store.jobs.uploads_locations()
+    locations = idle_server.store.jobs.tasks.uploads_locations()
     stored = {p.parent.name for p in (Path(idle_server.settings.objects_dir) / "tasks").glob("*/*")}
     assert len(locations) == 1 and len(stored) == 1
 

@@ -27,8 +27,8 @@ def queued(jobs: Jobs, name: str = "cat", *, activate: bool = True) -> JobInfo:
 
 
 def test_task_remembers_whether_to_activate(jobs: Jobs) -> None:
-    assert jobs.get_task(queued(jobs, "a").task_id).activate is True
-    assert jobs.get_task(queued(jobs, "b", activate=False).task_id).activate is False
+    assert jobs.tasks.get(queued(jobs, "a").task_id).activate is True
+    assert jobs.tasks.get(queued(jobs, "b", activate=False).task_id).activate is False
 
 
 def test_claim_next_takes_the_oldest_queued_job(jobs: Jobs) -> None:

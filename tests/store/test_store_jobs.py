@@ -48,7 +48,7 @@ def test_submit_creates_a_task_and_a_queued_job(jobs: Jobs) -> None:
     assert sub.job.attempts == 0
     assert sub.job.progress.percent == 0
     assert jobs.get(sub.job.id) == sub.job
-    assert jobs.get_task(sub.task.id) == sub.task
+    assert jobs.tasks.get(sub.task.id) == sub.task
 
 
 def test_idempotency_key_replays_the_earlier_task(jobs: Jobs) -> None:
@@ -185,4 +185,4 @@ def test_unknown_ids(jobs: Jobs) -> None:
         with pytest.raises(JobNotFoundError):
             action(99)
     with pytest.raises(TaskNotFoundError):
-        jobs.get_task(99)
+        jobs.tasks.get(99)

@@ -38,7 +38,7 @@ def test_save_load_release(db: Database, objects: ObjectStore) -> None:
 
     assert uploads.release(task.id)
     assert keys(objects) == set()
-    assert uploads.jobs.get_task(task.id).uploads_location is None
+    assert uploads.jobs.tasks.get(task.id).uploads_location is None
     assert not uploads.release(task.id)
 
 

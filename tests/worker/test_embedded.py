@@ -107,7 +107,7 @@ def test_tasks_apply_in_order_each_on_the_previous_version(
         assert job.progress.percent == 100
     # The uploads are gone once learned; the state holds every class.
     wait_uploads_released(store)
-    assert store.jobs.get_task(first.task.id).uploads_location is None
+    assert store.jobs.tasks.get(first.task.id).uploads_location is None
     folder = store.registry.load_state(v2.id)
     learner = load_state(folder, cache_dir=settings.model_cache_dir)
     assert learner.class_names == COLOUR_NAMES[:4]
