@@ -26,12 +26,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dmc_core.config import AdapterConfig
+from dmc_core.errors import DmcError
 
 TargetResolver = Callable[[nn.Module, AdapterConfig], list[str]]
 _TARGET_RESOLVERS: dict[type[nn.Module], TargetResolver] = {}
 
 
-class AdapterError(ValueError):
+class AdapterError(DmcError, ValueError):
     pass
 
 

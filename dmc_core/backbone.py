@@ -15,7 +15,9 @@ import open_clip
 import torch
 from torch import nn
 
+from dmc_core.errors import DmcError
 from dmc_core.files import atomic_write, sha256_file
+from dmc_core.model_builders import model_builder, model_builder_names
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 HF_CONFIG_DIR = MODEL_CONFIG_DIR / "hf"
@@ -26,30 +28,8 @@ open_clip.add_model_config(MODEL_CONFIG_DIR)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class BackboneError(RuntimeError):
+class BackboneError(DmcError, RuntimeError):
     """A backbone that cannot be loaded, with what to do about it."""
-
-
-ModelBuilder = Callable[[Path], Path]
-"""Builds a model into `cache_dir` on first use and returns an open_clip `local-dir` folder."""
-
-_BUILDERS: dict[str, ModelBuilder] = {}
-
-
-def register_model_builder(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a model that is built locally (not downloaded) under an open_clip-like name."""
-
-    def decorate(builder: ModelBuilder) -> ModelBuilder:
-        _BUILDERS[name] = builder
-        return builder
-
-    return decorate
-
-
-def _ensure_builtin_builders() -> None:
-    # The stand-in registers itself on import. Imported here, not at the top, because
-    # `standin` imports this module.
-    from dmc_core import standin  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -137,8 +117,7 @@ def _tokenizer_for(name: str) -> Callable[..., torch.Tensor]:
 
 
 def _open_clip_name(spec: BackboneSpec, cache_dir: Path) -> str:
-    _ensure_builtin_builders()
-    builder = _BUILDERS.get(spec.name)
+    builder = model_builder(spec.name)
     return f"local-dir:{builder(cache_dir)}" if builder else spec.name
 
 
@@ -165,7 +144,7 @@ def load_backbone(
     if not name.startswith("local-dir:") and open_clip.get_model_config(name) is None:
         raise BackboneError(
             f"unknown model {spec.name!r}: not an open_clip model config "
-            f"(see open_clip.list_models()) nor a locally built model {sorted(_BUILDERS)}"
+            f"(see open_clip.list_models()) nor a locally built model {model_builder_names()}"
         )
     try:
         model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(

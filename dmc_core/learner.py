@@ -19,6 +19,7 @@ from dmc_core.adapters import attach_adapter, merge_adapter, trainable_parameter
 from dmc_core.backbone import Backbone
 from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
 from dmc_core.config import LearnerConfig
+from dmc_core.errors import DmcError
 from dmc_core.memory import GaussianMemory
 from dmc_core.prompts import PromptLearner
 from dmc_core.text import text_tower_for
@@ -29,7 +30,7 @@ ProgressCallback = Callable[[str, int, int], None]
 STAGES = ("encode", "stage1", "memory", "stage2")
 
 
-class TaskError(ValueError):
+class TaskError(DmcError, ValueError):
     """A task that cannot be learned as given; the message says what to fix."""
 
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from dmc_core.backbone import register_model_builder
+from dmc_core.errors import DmcError
 from dmc_core.files import atomic_write, sha256_file
+from dmc_core.model_builders import register_model_builder
 
 STANDIN_NAME = "lit-effl0-minilm"
 RECIPE_VERSION = 1
@@ -56,7 +57,7 @@ TEXT_TOWER_FILES = (
 Progress = Callable[[str], None]
 
 
-class StandinError(RuntimeError):
+class StandinError(DmcError, RuntimeError):
     """The stand-in cannot be built: a source package is missing or its weights are wrong."""
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from dmc_core.adapters import AdapterError, adapter_state_dict, load_adapter_state_dict
 from dmc_core.backbone import Backbone, BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
+from dmc_core.errors import DmcError
 from dmc_core.files import atomic_write, sha256_file
 from dmc_core.learner import Learner
 from dmc_core.memory import GaussianMemory
@@ -25,7 +26,7 @@ TENSORS = "state.safetensors"
 STATE_FILES = (MANIFEST, TENSORS)
 
 
-class StateError(ValueError):
+class StateError(DmcError, ValueError):
     """A state folder that cannot be loaded; the message says why."""
 
 

@@ -29,7 +29,8 @@ from server.routers import classes, health, jobs, keys, predict, versions
 from server.settings import ServerSettings
 from server.uploads import UploadError
 from store.service import Store
-from worker.dispatch import Dispatcher, make_dispatcher
+from worker.dispatch import Dispatcher
+from worker.dispatchers import make_dispatcher
 from worker.model import resolve_device
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ from typing import Self
 
 from store.jobs import JobInfo
 from store.service import Store
-from worker.settings import WorkerSettings
 
 
 class Dispatcher(ABC):
@@ -51,14 +50,3 @@ class Dispatcher(ABC):
         traceback: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def make_dispatcher(settings: WorkerSettings, store: Store) -> Dispatcher:
-    """The dispatcher `settings.dispatcher` names, not started."""
-    if settings.dispatcher == "celery":
-        from worker.celery_app import CeleryDispatcher
-
-        return CeleryDispatcher(settings, store)
-    from worker.embedded import EmbeddedDispatcher
-
-    return EmbeddedDispatcher(settings, store)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dmc_core.data.images import ClassificationDataset
+from dmc_core.errors import DmcError
 
 __all__ = ["DatasetError", "get_dataset", "list_datasets", "register_dataset"]
 
@@ -15,7 +16,7 @@ DatasetLoader = Callable[..., ClassificationDataset]
 _DATASETS: dict[str, DatasetLoader] = {}
 
 
-class DatasetError(ValueError):
+class DatasetError(DmcError, ValueError):
     """A dataset that cannot be loaded as asked; the message says what to fix."""
 
 
@@ -31,13 +32,7 @@ def register_dataset(name: str) -> Callable[[DatasetLoader], DatasetLoader]:
     return decorate
 
 
-def _ensure_builtin() -> None:
-    # The built-in datasets register themselves on import (here, to avoid an import cycle).
-    from dmc_core.data import catalog  # noqa: F401
-
-
 def list_datasets() -> list[str]:
-    _ensure_builtin()
     return sorted(_DATASETS)
 
 
@@ -48,7 +43,6 @@ def dataset_options(name: str) -> dict[str, Any]:
 
 
 def _loader(name: str) -> DatasetLoader:
-    _ensure_builtin()
     if name not in _DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(sorted(_DATASETS))}")
     return _DATASETS[name]

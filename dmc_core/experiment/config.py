@@ -27,6 +27,7 @@ import yaml
 
 from dmc_core.backbone import DEFAULT_CACHE_DIR, BackboneSpec
 from dmc_core.config import LearnerConfig
+from dmc_core.errors import DmcError
 
 __all__ = [
     "BackboneConfig",
@@ -42,7 +43,7 @@ __all__ = [
 ALL_METHODS = ["zeroshot", "finetune", "dmc", "dmc_ot", "joint"]
 
 
-class ExperimentError(ValueError):
+class ExperimentError(DmcError, ValueError):
     """An experiment that cannot run as configured; the message says what to fix."""
 
 

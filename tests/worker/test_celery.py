@@ -19,7 +19,7 @@ from tests.worker.helpers import (
     wait_running,
 )
 from worker.celery_app import CeleryDispatcher
-from worker.dispatch import make_dispatcher
+from worker.dispatchers import make_dispatcher
 from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.slow

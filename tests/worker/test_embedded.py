@@ -25,7 +25,7 @@ from tests.worker.helpers import (
     wait_for,
     wait_running,
 )
-from worker.dispatch import make_dispatcher
+from worker.dispatchers import make_dispatcher
 from worker.embedded import EmbeddedDispatcher
 from worker.settings import WorkerSettings
 
