@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import time
 import uuid
 from collections import OrderedDict
@@ -26,9 +25,9 @@ import torch
 from PIL import Image
 
 from dmc_core.learner import Learner
-from dmc_core.state import load_state
 from server.metrics import Metrics
 from store.registry import Registry, VersionInfo
+from worker.model import load_version
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +79,17 @@ Loader = Callable[[int], LoadedModel]
 def store_loader(
     registry: Registry, *, device: str, cache_dir: Path | None, work_dir: Path | None = None
 ) -> Loader:
-    """A loader that materialises the version's state from the store, checking every blob."""
+    """A loader that materialises the version's state from the store, checking every blob
+    and that it holds the classes the registry lists (`worker.model.load_version`)."""
 
     def load(version_id: int) -> LoadedModel:
-        folder = registry.load_state(version_id, _scratch(work_dir, version_id))
-        try:
-            learner = load_state(folder, device=device, cache_dir=cache_dir)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        learner = load_version(
+            registry,
+            version_id,
+            device=device,
+            cache_dir=cache_dir,
+            folder=_scratch(work_dir, version_id),
+        )
         learner.merge_for_inference()
         model = LoadedModel(version_id, learner)
         model.warm_up()

@@ -48,8 +48,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from dmc_core.backbone import BackboneError
+from dmc_core.errors import DmcError
 from dmc_core.learner import Learner, TaskError
-from dmc_core.state import StateError, save_state
+from dmc_core.state import save_state
 from store.errors import (
     DuplicateClassError,
     JobStateError,
@@ -61,7 +62,12 @@ from store.jobs import JobInfo, Jobs
 from store.models import JobState
 from store.registry import VersionInfo
 from store.service import Store
-from worker.errors import JobCancelledError, JobFailedError, WorkerStoppingError
+from worker.errors import (
+    JobCancelledError,
+    JobFailedError,
+    VersionMismatchError,
+    WorkerStoppingError,
+)
 from worker.images import decode_task_images
 from worker.locking import LockLostError, UpdateLock, make_update_lock
 from worker.model import build_base_learner, load_learner
@@ -355,22 +361,14 @@ class JobRunner:
                 ) from error
         folder = workdir / f"parent-{parent.id}"
         try:
-            self.store.registry.load_state(parent.id, folder)
-            learner = load_learner(folder, self.settings)
-        except (StoreError, StateError, BackboneError) as error:
+            return load_learner(self.store.registry, parent.id, self.settings, folder)
+        except VersionMismatchError as error:
+            raise JobFailedError(str(error)) from error
+        except (StoreError, DmcError) as error:
             raise JobFailedError(
                 f"the newest version ({parent.id}) cannot be loaded to learn on: {error}. "
                 "Repair or delete that version, then upload the task again"
             ) from error
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        expected = self.store.registry.class_names(parent.id)
-        if learner.class_names != expected:
-            raise JobFailedError(
-                f"the state of version {parent.id} holds the classes {learner.class_names}, "
-                f"but the registry lists {expected}; repair or delete that version"
-            )
-        return learner
 
 
 # --- progress, heartbeat ------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from sqlalchemy import Connection, text
 
 from store.db import Database
+from worker.errors import WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ _memory_locks: dict[str, threading.Lock] = {}
 _memory_locks_guard = threading.Lock()
 
 
-class LockLostError(RuntimeError):
+class LockLostError(WorkerError, RuntimeError):
     """The update lock is no longer held (its database connection broke)."""
 
 

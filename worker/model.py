@@ -1,8 +1,10 @@
-"""The learner a job builds on: the base model from the settings, or a version's state."""
+"""Learners from the settings and from the store: the base model a first job builds on,
+and `load_version`, the one way a version becomes a `Learner` (jobs and the server)."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from dmc_core.backbone import BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
 from dmc_core.learner import Learner
 from dmc_core.state import load_state
+from store.registry import Registry
+from worker.errors import VersionMismatchError
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -54,10 +58,43 @@ def build_base_learner(settings: WorkerSettings) -> Learner:
     return Learner(backbone, config)
 
 
-def load_learner(folder: Path, settings: WorkerSettings) -> Learner:
-    """The learner saved in `folder`, on this worker's device, with the settings' schedule."""
-    learner = load_state(
-        folder, device=resolve_device(settings.device), cache_dir=settings.model_cache_dir
+def load_version(
+    registry: Registry,
+    version_id: int,
+    *,
+    device: str,
+    cache_dir: Path | None,
+    folder: Path | None = None,
+) -> Learner:
+    """The learner of a version: its state materialised from the store into `folder` (a
+    temporary folder by default; removed afterwards), every blob checked, and loaded on
+    `device` ("auto": a GPU if there is one).
+
+    Raises the store's and `dmc_core`'s errors when the state cannot be loaded, and
+    `VersionMismatchError` when it holds other classes than the registry lists.
+    """
+    materialised = registry.load_state(version_id, folder)
+    try:
+        learner = load_state(materialised, device=resolve_device(device), cache_dir=cache_dir)
+    finally:
+        shutil.rmtree(materialised, ignore_errors=True)
+    listed = registry.class_names(version_id)
+    if learner.class_names != listed:
+        raise VersionMismatchError(version_id, learner.class_names, listed)
+    return learner
+
+
+def load_learner(
+    registry: Registry, version_id: int, settings: WorkerSettings, folder: Path
+) -> Learner:
+    """The learner of a version to learn on: on this worker's device, with the settings'
+    schedule."""
+    learner = load_version(
+        registry,
+        version_id,
+        device=settings.device,
+        cache_dir=settings.model_cache_dir,
+        folder=folder,
     )
     apply_schedule(learner, settings)
     return learner

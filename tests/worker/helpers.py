@@ -190,3 +190,13 @@ def wait_running(
 
 def assert_grows(series: list[float]) -> None:
     assert series == sorted(series), f"progress went back: {series}"
+
+
+def settings_for(tmp_path: Path, checkpoint: Path, **overrides: object) -> WorkerSettings:
+    """Settings on a SQLite file and a local object folder under `tmp_path`."""
+    return make_settings(
+        database_url=f"sqlite:///{tmp_path / 'dmc.sqlite'}",
+        objects_dir=tmp_path / "objects",
+        checkpoint=checkpoint,
+        **overrides,
+    )
