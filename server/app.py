@@ -10,7 +10,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
@@ -27,7 +27,6 @@ from server.metrics import Metrics, MetricsMiddleware
 from server.model import Loader, ModelHolder, store_loader
 from server.routers import classes, health, jobs, keys, predict, versions
 from server.settings import ServerSettings
-from server.uploads import UploadError
 from store.service import Store
 from worker.dispatch import Dispatcher
 from worker.dispatchers import make_dispatcher
@@ -98,11 +97,6 @@ def _default_loader(store: Store, settings: ServerSettings) -> Loader:
     )
 
 
-async def _upload_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, UploadError)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
-
-
 def _mount_dashboard(app: FastAPI, settings: ServerSettings) -> None:
     secret = settings.session_secret
     app.add_middleware(
@@ -115,7 +109,6 @@ def _mount_dashboard(app: FastAPI, settings: ServerSettings) -> None:
     )
     app.include_router(dashboard.router)
     app.mount("/admin/static", StaticFiles(directory=dashboard.STATIC_DIR), name="admin-static")
-    app.add_exception_handler(dashboard.NotSignedInError, dashboard.not_signed_in_handler)
 
 
 def create_app(
@@ -203,7 +196,6 @@ def create_app(
     metrics.watch_jobs(count_jobs)
     install_handlers(app)
     _mount_dashboard(app, settings)
-    app.add_exception_handler(UploadError, _upload_error)
     for module in (classes, predict, jobs, versions, keys, health):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)

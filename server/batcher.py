@@ -24,20 +24,21 @@ from dataclasses import dataclass
 
 import torch
 
+from server.errors import ServerError
 from server.metrics import Metrics
 from server.model import LoadedModel, Ranked
 
 log = logging.getLogger(__name__)
 
 
-class QueueFullError(Exception):
+class QueueFullError(ServerError):
     def __init__(self, waiting: int, capacity: int) -> None:
         super().__init__(f"{waiting} images are waiting for the model (capacity {capacity})")
         self.waiting = waiting
         self.capacity = capacity
 
 
-class BatcherStoppedError(Exception):
+class BatcherStoppedError(ServerError):
     """The server is shutting down."""
 
 

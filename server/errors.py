@@ -1,5 +1,6 @@
-"""Error bodies (`{"detail": "..."}`), their OpenAPI documentation and the handlers that
-turn store and validation errors into them."""
+"""The server's errors, their bodies (`{"detail": "..."}`) and OpenAPI documentation, and
+every exception handler of the app: validation, upload, store and dashboard sign-in
+errors (`install_handlers`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from store.errors import (
@@ -24,6 +25,24 @@ from store.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class ServerError(Exception):
+    """Base class of every error the server raises on purpose."""
+
+
+class UploadError(ServerError):
+    """An upload refused as a whole; nothing of it is stored."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+class NotSignedInError(ServerError):
+    """A dashboard page asked for without the session cookie: answered with a redirect to
+    sign-in."""
 
 
 class ErrorOut(BaseModel):
@@ -99,6 +118,15 @@ async def _store_handler(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"the store failed: {exc}"}, status_code=500)
 
 
+async def _upload_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, UploadError)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def _not_signed_in_handler(request: Request, exc: Exception) -> Response:
+    return RedirectResponse(f"/admin/login?next={request.url.path}", status_code=303)
+
+
 async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
     # Logged (with the traceback) by the server; the client gets JSON like every error.
     return JSONResponse(
@@ -110,4 +138,6 @@ async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StoreError, _store_handler)
+    app.add_exception_handler(UploadError, _upload_handler)
+    app.add_exception_handler(NotSignedInError, _not_signed_in_handler)
     app.add_exception_handler(Exception, _internal_handler)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from dmc_core.learner import Learner
+from server.errors import ServerError
 from server.metrics import Metrics
 from store.registry import Registry, VersionInfo
 from worker.model import load_version
@@ -104,11 +105,11 @@ def _scratch(work_dir: Path | None, version_id: int) -> Path | None:
     return work_dir / f"serve-{version_id}-{uuid.uuid4().hex[:8]}"
 
 
-class NoActiveVersionError(Exception):
+class NoActiveVersionError(ServerError):
     """No version can answer yet (none is active, or the active one is still loading)."""
 
 
-class VersionLoadError(Exception):
+class VersionLoadError(ServerError):
     """A pinned version cannot be loaded."""
 
 

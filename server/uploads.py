@@ -1,10 +1,9 @@
-"""Validation of uploaded images: POST /classes (an archive with one folder per class, or
-image files with a label each) and the images of POST /predict.
+"""Validation of the uploads of POST /classes: an archive with one folder per class, or
+image files with a label each.
 
 Everything is checked before anything is stored: paths, class names, image counts, and
-every image (its size is read from its header and checked against the pixel limit before
-it is decoded; then it is decoded in full, which finds truncated files). Each problem is
-an `UploadError` with an HTTP status and a message that says what to fix.
+every image (`server.images.check_image`). Each problem is an `UploadError` with an HTTP
+status and a message that says what to fix.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
+from server.errors import UploadError
+from server.images import check_image
 from server.settings import ServerSettings
 from store.names import class_name_problem, normalize_class_name
 from store.uploads import UploadedImage
@@ -29,15 +28,6 @@ from store.uploads import UploadedImage
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _LISTED = 3
-
-
-class UploadError(Exception):
-    """An upload refused as a whole; nothing of it is stored."""
-
-    def __init__(self, status_code: int, detail: str) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -57,81 +47,6 @@ class UploadLimits:
             max_class_name_length=settings.max_class_name_length,
             min_images_per_class=settings.min_images_per_class,
         )
-
-
-# --- single images ----------------------------------------------------------------------
-
-
-def _open_checked(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Open (header only) and refuse an image over the pixel limit before any decoding."""
-    if not data:
-        raise UploadError(422, f"{name} is empty (0 bytes); send an image file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise UploadError(
-            422,
-            f"{name} has too many pixels ({exc}); the limit is {max_pixels} pixels "
-            "(DMC_MAX_IMAGE_PIXELS): send a smaller image",
-        ) from exc
-    except UnidentifiedImageError as exc:
-        raise UploadError(
-            422, f"{name} is not an image (or not a format the server reads, e.g. JPEG, PNG, WebP)"
-        ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UploadError(
-            422, f"{name} is truncated or corrupt ({exc}); send the complete image file"
-        ) from exc
-    width, height = image.size
-    if width * height > max_pixels:
-        image.close()
-        raise UploadError(
-            422,
-            f"{name} is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{max_pixels} (DMC_MAX_IMAGE_PIXELS); resize it",
-        )
-    if width < 1 or height < 1:
-        image.close()
-        raise UploadError(422, f"{name} has no pixels ({width}x{height})")
-    return image
-
-
-def _decode(image: Image.Image, name: str, draft: int | None) -> None:
-    try:
-        if draft:
-            # JPEG: decode at a reduced scale (still at least `draft` pixels a side).
-            image.draft("RGB", (draft, draft))
-        image.load()
-    except Image.DecompressionBombError as exc:
-        raise UploadError(422, f"{name} has too many pixels: {exc}") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UploadError(
-            422, f"{name} is truncated or corrupt ({exc}); send the complete file"
-        ) from exc
-
-
-def check_image(data: bytes, name: str, max_pixels: int) -> None:
-    """Refuse data that is not a complete image within the pixel limit (`UploadError`)."""
-    image = _open_checked(data, name, max_pixels)
-    try:
-        _decode(image, name, draft=None)
-    finally:
-        image.close()
-
-
-def decode_image(
-    data: bytes, name: str, max_pixels: int, *, draft: int | None = None
-) -> Image.Image:
-    """The image as upright (EXIF) RGB, as the worker decodes uploads; `UploadError` if it is
-    not a complete image within the pixel limit."""
-    image = _open_checked(data, name, max_pixels)
-    try:
-        _decode(image, name, draft)
-        return ImageOps.exif_transpose(image).convert("RGB")
-    except (OSError, ValueError) as exc:
-        raise UploadError(422, f"{name} cannot be converted to RGB: {exc}") from exc
-    finally:
-        image.close()
 
 
 # --- class names ------------------------------------------------------------------------

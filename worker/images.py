@@ -13,6 +13,17 @@ from worker.errors import JobFailedError
 _LISTED = 5
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """A loaded image as RGB, turned upright by its EXIF orientation. An unreadable EXIF
+    block or orientation tag is ignored: the pixels are still fine (the server's predict
+    decodes its images with this too, so both read an image the same way)."""
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except Exception:
+        upright = image
+    return upright.convert("RGB")
+
+
 def decode_image(data: bytes, *, max_side: int = 0) -> Image.Image:
     """An RGB image, turned upright (EXIF) and shrunk to at most `max_side` pixels a side
     (0: as uploaded). Raises whatever PIL raises for data that is not an image."""
@@ -21,11 +32,7 @@ def decode_image(data: bytes, *, max_side: int = 0) -> Image.Image:
             # JPEG: decode at a reduced scale right away (at least `max_side`).
             opened.draft("RGB", (max_side, max_side))
         opened.load()
-        try:
-            upright = ImageOps.exif_transpose(opened)
-        except Exception:  # unreadable orientation tag: the pixels are still fine
-            upright = opened
-        image = upright.convert("RGB")
+        image = upright_rgb(opened)
     if max_side and max(image.size) > max_side:
         image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return image

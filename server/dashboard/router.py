@@ -17,6 +17,7 @@ from server.auth import SCOPE_ADMIN
 from server.dashboard import plots
 from server.dashboard.session import SESSION_KEY, signed_in
 from server.dependencies import ServicesDep
+from server.errors import NotSignedInError
 from server.schemas import JobOut
 from store.models import PENDING_STATES, JobState
 from store.registry import VersionInfo
@@ -28,10 +29,6 @@ FINISHED_SHOWN = 20
 router = APIRouter(prefix="/admin", include_in_schema=False)
 
 
-class NotSignedInError(Exception):
-    """A page asked for without the session cookie: answered with a redirect to sign-in."""
-
-
 def require_session(request: Request) -> None:
     if not signed_in(request):
         if request.method == "GET":
@@ -40,10 +37,6 @@ def require_session(request: Request) -> None:
 
 
 SignedIn = Annotated[None, Depends(require_session)]
-
-
-async def not_signed_in_handler(request: Request, exc: Exception) -> Response:
-    return RedirectResponse(f"/admin/login?next={request.url.path}", status_code=303)
 
 
 def _page(request: Request, template: str, **context: Any) -> HTMLResponse:

@@ -10,11 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Header, Response, UploadFile
 
 from server.dependencies import AdminAccess, ReadAccess, Services, ServicesDep
-from server.errors import error, responses
+from server.errors import UploadError, error, responses
 from server.schemas import ClassOut, SubmissionOut
 from server.uploads import (
     ParsedUpload,
-    UploadError,
     UploadLimits,
     parse_archive,
     parse_labelled_files,

@@ -16,9 +16,9 @@ from starlette.datastructures import UploadFile
 from server.batcher import BatcherStoppedError, QueueFullError
 from server.dependencies import PredictAccess, ServicesDep
 from server.errors import error, responses, validation_detail
+from server.images import decode_image
 from server.model import LoadedModel, NoActiveVersionError, VersionLoadError
 from server.schemas import ClassScore, ImagePrediction, PredictJSON, PredictOut
-from server.uploads import decode_image
 
 router = APIRouter(tags=["predict"])
 

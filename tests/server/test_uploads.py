@@ -1,4 +1,4 @@
-"""server.uploads without HTTP: archive layouts, names, and the checks on each image."""
+"""server.uploads without HTTP: archive layouts, labelled files and class names."""
 
 from __future__ import annotations
 
@@ -10,17 +10,15 @@ from contextlib import contextmanager
 
 import pytest
 
+from server.errors import UploadError
 from server.uploads import (
-    UploadError,
     UploadLimits,
     clean_class_name,
-    decode_image,
     parse_archive,
     parse_labelled_files,
 )
 from tests.server.conftest import colour_pngs
 from tests.server.test_classes import tar_bytes, zip_bytes
-from tests.server.test_predict import huge_png, jpeg
 
 LIMITS = UploadLimits(
     max_image_pixels=1_000_000,
@@ -136,13 +134,3 @@ def test_class_names() -> None:
         clean_class_name("n" * 21, 20, where="x")
     with refused(422, "empty"):
         clean_class_name("\u3000", 20, where="x")  # an ideographic space
-
-
-def test_decode_image() -> None:
-    image = decode_image(jpeg(), "a", 1_000_000)
-    assert image.mode == "RGB" and image.size == (48, 40)
-    with refused(422, "over the limit"):
-        decode_image(huge_png(2000, 1000), "a", 1_000_000)
-    # Over PIL's own limit too: refused before anything is decoded.
-    with refused(422, "pixels"):
-        decode_image(huge_png(20_000, 20_000), "a", 1_000_000)

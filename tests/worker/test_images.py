@@ -10,7 +10,7 @@ from PIL import Image
 from store.uploads import UploadedImage
 from tests.worker.helpers import png
 from worker.errors import JobFailedError
-from worker.images import decode_task_images
+from worker.images import decode_image, decode_task_images, upright_rgb
 
 
 def test_decoding_shrinks_large_images_and_keeps_labels() -> None:
@@ -42,3 +42,18 @@ def test_decoding_names_every_bad_file_and_what_to_do() -> None:
     assert "JPEG, PNG or WebP" in message
     with pytest.raises(JobFailedError, match="labelled 'owl', which is not one of"):
         decode_task_images([UploadedImage("owl", "o.png", good)], ["cat"])
+
+
+def test_images_are_turned_upright_and_a_bad_exif_block_is_ignored() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to view
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), "blue").save(buffer, format="PNG", exif=exif)
+    assert decode_image(buffer.getvalue()).size == (20, 30)
+    buffer = io.BytesIO()
+    Image.new("L", (30, 20), 200).save(buffer, format="PNG", exif=b"not a TIFF header")
+    with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+        opened.load()
+        image = upright_rgb(opened)
+    assert image.mode == "RGB" and image.size == (30, 20)
+    assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (200, 200, 200)
