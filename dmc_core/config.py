@@ -8,8 +8,8 @@ from typing import Any, Literal, TypeVar, get_type_hints
 
 from dmc_core.memory import MemoryConfig
 
-Method = Literal["dmc", "dmc_ot"]
-METHODS: tuple[Method, ...] = ("dmc", "dmc_ot")
+DmcVariant = Literal["dmc", "dmc_ot"]
+DMC_VARIANTS: tuple[DmcVariant, ...] = ("dmc", "dmc_ot")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class CalibrationConfig:
 
 @dataclass
 class LearnerConfig:
-    method: Method = "dmc_ot"
+    method: DmcVariant = "dmc_ot"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -138,6 +138,6 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
         else:
             kwargs[name] = value
     config = cls(**kwargs)
-    if isinstance(config, LearnerConfig) and config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
+    if isinstance(config, LearnerConfig) and config.method not in DMC_VARIANTS:
+        raise ValueError(f"method must be one of {DMC_VARIANTS}, got {config.method!r}")
     return config

@@ -43,18 +43,6 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_store(services: ServicesDep) -> Store:
-    return services.store
-
-
-def get_settings(services: ServicesDep) -> ServerSettings:
-    return services.settings
-
-
-StoreDep = Annotated[Store, Depends(get_store)]
-SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
-
-
 def require(scope: str | None) -> Callable[..., Awaitable[Principal]]:
     """A dependency that lets the request through with a key that has `scope` (None: any
     valid key): 401 without a valid key, 403 with one that lacks the scope."""

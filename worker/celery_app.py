@@ -38,7 +38,7 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "dmc.learn_task"
+TASK_NAME = "dmc.run_jobs"
 
 _PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.0, "interval_step": 0.5, "interval_max": 2}
 
@@ -116,8 +116,8 @@ class WorkerRuntime:
                 self._runner = JobRunner(store, self.settings, name=self.name, stop=self.stop)
             return self._runner
 
-    def learn_task(self, job_id: int | None) -> int:
-        outcomes = self.runner.learn_task(job_id)
+    def run_jobs(self, job_id: int | None) -> int:
+        outcomes = self.runner.run_pending(job_id)
         if any(o.state is JobState.QUEUED for o in outcomes):
             # This worker is stopping and handed a job back: wake another one.
             self.announce(None)
@@ -188,9 +188,9 @@ def create_app(settings: WorkerSettings | None = None, *, upgrade: bool = True) 
     runtime = WorkerRuntime(app, settings, upgrade=upgrade)
 
     @app.task(name=TASK_NAME, ignore_result=True, acks_late=False, shared=False)
-    def learn_task(job_id: int | None = None) -> int:
+    def run_jobs(job_id: int | None = None) -> int:
         """Run the queued jobs in order (job `job_id` was announced)."""
-        return runtime.learn_task(job_id)
+        return runtime.run_jobs(job_id)
 
     app.dmc_runtime = runtime
     return app

@@ -62,7 +62,7 @@ class EmbeddedDispatcher(Dispatcher):
             if self._stop.is_set():
                 break
             try:
-                self.runner.learn_task()
+                self.runner.run_pending()
             except Exception:
                 log.exception("the job thread hit an error; it goes on")
                 self._stop.wait(1.0)

@@ -1,6 +1,6 @@
 """The job that turns a task into a version, and the loop that runs the queued jobs.
 
-Both dispatchers (Celery, embedded thread) call `JobRunner.learn_task(job_id)` when a job
+Both dispatchers (Celery, embedded thread) call `JobRunner.run_pending(job_id)` when a job
 is announced. The message is only a wake-up: the runner takes the update lock (one
 runner at a time across all workers; see `worker.locking`), then claims and runs the
 oldest queued job, again and again until none is left, so updates apply one at a time in
@@ -132,15 +132,12 @@ class JobRunner:
         """Whether this runner is inside `run_pending` now."""
         return self._busy.locked()
 
-    def learn_task(self, job_id: int | None = None) -> list[JobOutcome]:
+    def run_pending(self, job_id: int | None = None) -> list[JobOutcome]:
         """What a dispatcher calls when job `job_id` is announced (None: a sweep): run the
         queued jobs in submission order, that one among them. Returns the runs made here;
         none when another runner holds the update lock (it will get to the job)."""
         if job_id is not None:
             log.debug("job %d announced", job_id)
-        return self.run_pending()
-
-    def run_pending(self) -> list[JobOutcome]:
         outcomes: list[JobOutcome] = []
         if not self._busy.acquire(blocking=False):
             return outcomes  # this runner is already at it, in another thread
