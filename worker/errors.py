@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+# Errors of the database connection itself: a running job is left as it is (running)
+# and run again once its lease expires.
+CONNECTION_ERRORS = (OperationalError, InterfaceError)
+
 
 class WorkerError(Exception):
     """Base class of every error the worker raises on purpose."""
