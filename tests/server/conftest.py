@@ -22,7 +22,6 @@ from dmc_core.learner import Learner
 from dmc_core.state import save_state
 from server.app import create_app
 from server.settings import ServerSettings
-from store.db import upgrade_database
 from store.registry import VersionInfo
 from store.service import Store
 from tests.core.toy import COLOUR_NAMES, colour_images, fast_config
@@ -74,13 +73,6 @@ def states(tmp_path_factory: pytest.TempPathFactory, checkpoint: Path) -> dict[s
     learner.learn_task(images, labels, ["blue", "yellow"])
     save_state(learner, folder / "v2")
     return {"v1": folder / "v1", "v2": folder / "v2"}
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "dmc.sqlite"
-    upgrade_database(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import create_engine, text
 
-from store.db import Database, upgrade_database
+from store.db import Database
 from store.models import Base
 from store.objects import LocalObjectStore, ObjectStore, S3ObjectStore
 from store.settings import StoreSettings
@@ -29,13 +29,6 @@ from tests.services import postgres_database
 def postgres_url() -> Iterator[str]:
     with postgres_database("dmc_store_test") as url:
         yield url
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "dmc.sqlite"
-    upgrade_database(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from dmc_core.state import load_state
-from store.db import upgrade_database
 from store.models import JobState
 from store.service import Store
 from tests.core.toy import COLOUR_NAMES
@@ -28,13 +27,6 @@ from tests.worker.helpers import (
 from worker.dispatchers import make_dispatcher
 from worker.embedded import EmbeddedDispatcher
 from worker.settings import WorkerSettings
-
-
-@pytest.fixture(scope="session")
-def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("sqlite-template") / "dmc.sqlite"
-    upgrade_database(f"sqlite:///{path}")
-    return path
 
 
 @pytest.fixture
