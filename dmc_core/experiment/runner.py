@@ -56,7 +56,7 @@ from dmc_core.experiment.results import (
 )
 from dmc_core.files import atomic_write
 
-__all__ = ["Event", "ExperimentRunner", "SeedPlan", "make_plan", "run_experiment"]
+__all__ = ["Event", "ExperimentRunner", "run_experiment"]
 
 
 @dataclass(frozen=True)

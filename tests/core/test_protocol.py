@@ -7,8 +7,8 @@ import pytest
 
 from dmc_core.data.images import ArrayImages, ClassificationDataset, Split
 from dmc_core.experiment.config import ExperimentConfig
+from dmc_core.experiment.plan import make_plan
 from dmc_core.experiment.protocol import Protocol, class_order, split_tasks
-from dmc_core.experiment.runner import make_plan
 
 # PROOF's UCF-101 log (100 classes, seed 1993) starts with this order: the PyCIL convention.
 PYCIL_ORDER_100_SEED_1993 = [68, 56, 78, 8, 23, 84, 90, 65, 74, 76, 40, 89, 3, 92, 55, 9]
