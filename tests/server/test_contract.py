@@ -6,6 +6,7 @@ in a thread, the tiny model) with one learned version, and must find no failure.
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -91,6 +92,7 @@ def test_schemathesis_finds_no_failure(live_url: str, tmp_path: Path) -> None:
     )
     took = time.monotonic() - started
     output = run.stdout + run.stderr
-    assert run.returncode == 0, f"schemathesis failed after {took:.0f}s:\n{output[-40000:]}"
-    assert "No issues found" in output, output[-4000:]
+    assert run.returncode == 0, (
+        f"schemathesis failed after {took:.0f}s ({shlex.join(command)}):\n{output[-40000:]}"
+    )
     print(f"schemathesis took {took:.0f}s:\n{output[output.find('SUMMARY') :]}")  # pytest -rP
