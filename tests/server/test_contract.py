@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from server.app import create_app
 from server.settings import ServerSettings
 from store.service import Store
-from tests.server.conftest import ADMIN_KEY
+from tests.server.conftest import ADMIN_KEY, free_port, live_server
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = Path(__file__).with_name("schemathesis.toml")
@@ -32,19 +28,12 @@ MAX_EXAMPLES = 30
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def live_url(
     settings_factory: Callable[..., ServerSettings], states: dict[str, Path]
 ) -> Iterator[str]:
-    """A uvicorn server in a thread with version 1 (red, green) active and loaded."""
-    port = _free_port()
-    settings = settings_factory(port=port)
+    """A live server with version 1 (red, green) active and loaded."""
+    settings = settings_factory(port=free_port())
     store = Store.open(settings)
     try:
         store.registry.publish(
@@ -52,21 +41,12 @@ def live_url(
         )
     finally:
         store.close()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with live_server(settings) as url:
         deadline = time.monotonic() + 60
-        while not (server.started and httpx.get(f"{url}/readyz").status_code == 200):
+        while httpx.get(f"{url}/readyz").status_code != 200:
             assert time.monotonic() < deadline, "the server did not get ready"
             time.sleep(0.05)
         yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def test_schemathesis_finds_no_failure(live_url: str, tmp_path: Path) -> None:
