@@ -1,20 +1,22 @@
 """The app's services, built by the lifespan, and the `Annotated` dependencies the routes
-take: the services, the store, the settings, and the access checks."""
+take: the services, the store, the settings, the access checks, and the id and paging
+parameters (bounded to the database's integer range)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, Security
+from fastapi import Depends, HTTPException, Path, Query, Request, Security
 
 from server.auth import API_KEY_HEADER, SCOPE_ADMIN, SCOPE_PREDICT, Authenticator, Principal
 from server.auth import api_key_header as _api_key_header
 from server.batcher import Batcher
 from server.metrics import Metrics
 from server.model import ModelHolder
+from server.schemas import DB_INT_MAX
 from server.settings import ServerSettings
 from store.service import Store
 from worker.dispatch import Dispatcher
@@ -72,3 +74,14 @@ def require(scope: str | None) -> Callable[..., Awaitable[Principal]]:
 ReadAccess = Annotated[Principal, Depends(require(None))]
 PredictAccess = Annotated[Principal, Depends(require(SCOPE_PREDICT))]
 AdminAccess = Annotated[Principal, Depends(require(SCOPE_ADMIN))]
+
+
+def _id_path(what: str) -> Any:
+    return Path(ge=1, le=DB_INT_MAX, description=f"The {what}'s id.")
+
+
+JobId = Annotated[int, _id_path("job")]
+VersionId = Annotated[int, _id_path("version")]
+ApiKeyId = Annotated[int, _id_path("API key")]
+Limit = Annotated[int, Query(ge=1, le=500, description="At most this many items.")]
+Offset = Annotated[int, Query(ge=0, le=DB_INT_MAX, description="Skip this many items.")]

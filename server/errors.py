@@ -9,9 +9,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from store.errors import (
     DuplicateClassError,
@@ -63,8 +66,12 @@ _DESCRIPTIONS: dict[int, str] = {
 
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI `responses=` of a route for these error status codes."""
-    return {code: {"model": ErrorOut, "description": _DESCRIPTIONS[code]} for code in codes}
+    """The OpenAPI `responses=` of a route for these error status codes, and 503, which
+    every route that uses the services answers while the server starts."""
+    return {
+        code: {"model": ErrorOut, "description": _DESCRIPTIONS[code]}
+        for code in sorted({*codes, 503})
+    }
 
 
 def error(status_code: int, detail: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -135,7 +142,28 @@ async def _internal_handler(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _documented_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the OpenAPI document lists for the paths that `path` matches."""
+    methods: set[str] = set()
+    for template, operations in app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {method.upper() for method in operations}
+    return methods | ({"HEAD"} if "GET" in methods else set())
+
+
+async def _http_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        # Starlette's 405 lists the methods of the first route on the path only; a path
+        # served by several routes (GET and POST /api-keys) allows all of theirs.
+        allowed = _documented_methods(request.app, request.url.path)
+        if allowed:
+            exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return await http_exception_handler(request, exc)
+
+
 def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StoreError, _store_handler)
     app.add_exception_handler(UploadError, _upload_handler)

@@ -14,6 +14,10 @@ from store.registry import VersionInfo
 
 Scope = Literal["predict", "admin"]
 
+# The database's ids are INTEGER columns (32 bits on PostgreSQL): a larger id or offset is
+# refused as invalid (422) instead of overflowing the driver.
+DB_INT_MAX = 2**31 - 1
+
 
 class ProgressOut(BaseModel):
     stage: str
@@ -91,7 +95,9 @@ class ClassOut(BaseModel):
 class PredictJSON(BaseModel):
     images: list[str] = Field(min_length=1, description="Images as base64 (standard alphabet).")
     top_k: int | None = Field(default=None, ge=1, description="Overrides the query parameter.")
-    version: int | None = Field(default=None, ge=1, description="Overrides the query parameter.")
+    version: int | None = Field(
+        default=None, ge=1, le=DB_INT_MAX, description="Overrides the query parameter."
+    )
 
 
 class ClassScore(BaseModel):
@@ -140,3 +146,17 @@ class ApiKeyOut(BaseModel):
 
 class ApiKeyCreated(ApiKeyOut):
     key: str = Field(description="The key itself: shown only now, it cannot be read later.")
+
+
+def links(status: int, **targets: tuple[str, dict[str, str]]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI links of a route's `status` response: each names an operation ("GET
+    /jobs/{job_id}") and the JSON pointers in the response body its parameters come from."""
+    out = {}
+    for name, (operation, parameters) in targets.items():
+        method, path = operation.split(" ", 1)
+        pointer = path.replace("~", "~0").replace("/", "~1")
+        out[name] = {
+            "operationRef": f"#/paths/{pointer}/{method.lower()}",
+            "parameters": {key: f"$response.body#/{ptr}" for key, ptr in parameters.items()},
+        }
+    return {status: {"links": out}}

@@ -16,7 +16,7 @@ from fastapi.templating import Jinja2Templates
 from server.auth import SCOPE_ADMIN
 from server.dashboard import plots
 from server.dashboard.session import SESSION_KEY, signed_in
-from server.dependencies import ServicesDep
+from server.dependencies import JobId, ServicesDep, VersionId
 from server.errors import NotSignedInError
 from server.schemas import JobOut
 from store.models import PENDING_STATES, JobState
@@ -97,7 +97,7 @@ async def versions_page(request: Request, services: ServicesDep, _: SignedIn) ->
 
 
 @router.post("/versions/{version_id}/activate")
-async def activate(version_id: int, services: ServicesDep, _: SignedIn) -> Response:
+async def activate(version_id: VersionId, services: ServicesDep, _: SignedIn) -> Response:
     await asyncio.to_thread(services.store.registry.activate, version_id)
     services.holder.wake()
     return RedirectResponse("/admin/versions", status_code=303)
@@ -114,7 +114,7 @@ def _lineage(services: ServicesDep, version_id: int) -> list[VersionInfo]:
 
 @router.get("/versions/{version_id}", response_class=HTMLResponse)
 async def version_page(
-    version_id: int, request: Request, services: ServicesDep, _: SignedIn
+    version_id: VersionId, request: Request, services: ServicesDep, _: SignedIn
 ) -> HTMLResponse:
     lineage = await asyncio.to_thread(_lineage, services, version_id)
     version = lineage[-1]
@@ -133,7 +133,7 @@ async def version_page(
 
 
 @router.get("/versions/{version_id}/accuracy.png")
-async def accuracy_plot(version_id: int, services: ServicesDep, _: SignedIn) -> Response:
+async def accuracy_plot(version_id: VersionId, services: ServicesDep, _: SignedIn) -> Response:
     lineage = await asyncio.to_thread(_lineage, services, version_id)
     tasks = list(range(1, len(lineage) + 1))
     accuracy = [v.metrics.get("train_accuracy") for v in lineage]
@@ -142,7 +142,7 @@ async def accuracy_plot(version_id: int, services: ServicesDep, _: SignedIn) -> 
 
 
 @router.get("/versions/{version_id}/calibration.png")
-async def calibration_plot(version_id: int, services: ServicesDep, _: SignedIn) -> Response:
+async def calibration_plot(version_id: VersionId, services: ServicesDep, _: SignedIn) -> Response:
     registry = services.store.registry
     version = await asyncio.to_thread(registry.get, version_id)
     calibration = version.metrics.get("calibration") or {}
@@ -181,7 +181,7 @@ async def jobs_json(services: ServicesDep, _: SignedIn) -> JSONResponse:
 
 
 @router.post("/jobs/{job_id}/cancel")
-async def cancel(job_id: int, services: ServicesDep, _: SignedIn) -> Response:
+async def cancel(job_id: JobId, services: ServicesDep, _: SignedIn) -> Response:
     await asyncio.to_thread(services.dispatcher.cancel, job_id)
     return RedirectResponse("/admin/jobs", status_code=303)
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Annotated
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Header, Response, UploadFile
+from fastapi import APIRouter, Depends, Header, Request, Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.datastructures import FormData, UploadFile
 
 from server.dependencies import AdminAccess, ReadAccess, Services, ServicesDep
 from server.errors import UploadError, error, responses
-from server.schemas import ClassOut, SubmissionOut
+from server.schemas import ClassOut, SubmissionOut, links
 from server.uploads import (
     ParsedUpload,
     UploadLimits,
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["classes"])
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+_BOOL = TypeAdapter(bool)
 
 
 @router.get("/classes", response_model=list[ClassOut], responses=responses(401, 403))
@@ -48,10 +53,7 @@ async def list_classes(services: ServicesDep, _: ReadAccess) -> list[ClassOut]:
 
 
 def _parse(
-    archive: UploadFile | None,
-    images: list[UploadFile] | None,
-    labels: list[str] | None,
-    limits: UploadLimits,
+    archive: UploadFile | None, images: list[UploadFile], labels: list[str], limits: UploadLimits
 ) -> ParsedUpload:
     if archive is not None and images:
         raise UploadError(
@@ -65,7 +67,7 @@ def _parse(
             )
         return parse_archive(archive.file, limits)
     if images:
-        return parse_labelled_files([(f.filename, f.file) for f in images], labels or [], limits)
+        return parse_labelled_files([(f.filename, f.file) for f in images], labels, limits)
     raise UploadError(
         422,
         "send an `archive` file (zip or tar with one folder per class) or `images` files "
@@ -93,33 +95,122 @@ def _check(services: Services, key: str | None, parsed: ParsedUpload) -> Submiss
     return None
 
 
+_BINARY = {"type": "string", "format": "binary"}
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One archive, or image files with one label each (not both).",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "archive": _BINARY
+                        | {
+                            "description": "A zip or tar archive (optionally .gz/.bz2/.xz) "
+                            "with one folder per class: `<class name>/<image>`, optionally "
+                            "all inside one top folder."
+                        },
+                        "images": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": _BINARY,
+                            "description": "Image files (repeat the field).",
+                        },
+                        "labels": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string"},
+                            "description": "The class name of each image, in the same "
+                            "order (repeat the field).",
+                        },
+                        "activate": {
+                            "type": "boolean",
+                            "default": True,
+                            "description": "Make the learned version active when the job succeeds.",
+                        },
+                    },
+                    "oneOf": [
+                        {
+                            "title": "Archive",
+                            "required": ["archive"],
+                            "properties": {"images": False, "labels": False},
+                        },
+                        {
+                            "title": "Labelled images",
+                            "required": ["images", "labels"],
+                            "properties": {"archive": False},
+                        },
+                    ],
+                }
+            }
+        },
+    }
+}
+_FIELDS = ("archive", "images", "labels", "activate")
+
+
+@dataclass
+class UploadForm:
+    archive: UploadFile | None
+    images: list[UploadFile]
+    labels: list[str]
+    activate: bool
+
+
+def _form_fields(form: FormData) -> UploadForm:
+    unknown = sorted(set(form.keys()) - set(_FIELDS))
+    if unknown:
+        raise UploadError(
+            422, f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are {_FIELDS}"
+        )
+    archives, images = form.getlist("archive"), form.getlist("images")
+    labels, activate = form.getlist("labels"), form.getlist("activate")
+    if len(archives) > 1 or not all(isinstance(v, UploadFile) for v in archives + images):
+        raise UploadError(422, "`archive` must be one file and `images` files")
+    if not all(isinstance(v, str) for v in labels + activate) or len(activate) > 1:
+        raise UploadError(422, "`labels` must be text fields and `activate` one text field")
+    try:
+        active = _BOOL.validate_python(activate[0]) if activate else True
+    except ValidationError:
+        raise UploadError(422, "`activate` must be true or false") from None
+    return UploadForm(
+        archive=archives[0] if archives else None,  # type: ignore[arg-type]
+        images=images,  # type: ignore[arg-type]
+        labels=labels,  # type: ignore[arg-type]
+        activate=active,
+    )
+
+
+async def read_upload(request: Request, services: ServicesDep) -> AsyncIterator[UploadForm]:
+    """The multipart fields of POST /classes; the files stay open until the response."""
+    mime = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if mime != "multipart/form-data":
+        raise error(415, "send multipart/form-data with an `archive` file or `images` files")
+    most = services.settings.max_upload_images
+    async with request.form(max_files=most + 1, max_fields=most + 16) as form:
+        yield _form_fields(form)
+
+
 @router.post(
     "/classes",
     status_code=202,
     response_model=SubmissionOut,
-    responses=responses(400, 401, 403, 409, 413, 422),
+    responses=responses(400, 401, 403, 409, 413, 415, 422)
+    | links(
+        202,
+        job=("GET /jobs/{job_id}", {"job_id": "job_id"}),
+        cancel=("POST /jobs/{job_id}/cancel", {"job_id": "job_id"}),
+        task_jobs=("GET /jobs", {"task_id": "task_id"}),
+    ),
+    openapi_extra=_UPLOAD_BODY,
 )
 async def add_classes(
     services: ServicesDep,
     _: AdminAccess,
     response: Response,
-    archive: Annotated[
-        UploadFile | None,
-        File(
-            description="A zip or tar archive (optionally .gz/.bz2/.xz) with one folder per "
-            "class: `<class name>/<image>`, optionally all inside one top folder."
-        ),
-    ] = None,
-    images: Annotated[
-        list[UploadFile] | None,
-        File(description="Image files; each needs a `labels` field, in the same order."),
-    ] = None,
-    labels: Annotated[
-        list[str] | None, Form(description="The class name of each of the `images`.")
-    ] = None,
-    activate: Annotated[
-        bool, Form(description="Make the learned version active when the job succeeds.")
-    ] = True,
+    upload: Annotated[UploadForm, Depends(read_upload)],
     idempotency_key: Annotated[
         str | None,
         Header(
@@ -136,7 +227,7 @@ async def add_classes(
     Answers 202 with the task and job; follow the job at GET /jobs/{job_id}."""
     store = services.store
     limits = UploadLimits.from_settings(services.settings)
-    parsed = await asyncio.to_thread(_parse, archive, images, labels, limits)
+    parsed = await asyncio.to_thread(_parse, upload.archive, upload.images, upload.labels, limits)
 
     earlier = await asyncio.to_thread(_check, services, idempotency_key, parsed)
     if earlier is not None:
@@ -155,7 +246,7 @@ async def add_classes(
                     image_counts=parsed.image_counts,
                     uploads_location=location,
                     idempotency_key=idempotency_key,
-                    activate=activate,
+                    activate=upload.activate,
                     payload_digest=parsed.digest,
                 )
                 submission = await asyncio.to_thread(submit)

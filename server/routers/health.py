@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from server.dependencies import ServicesDep
+from server.errors import responses
 from server.metrics import CONTENT_TYPE
 from server.schemas import HealthOut, ReadyOut
 
@@ -64,7 +65,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."}},
+    responses={
+        200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format."},
+        **responses(),
+    },
 )
 async def metrics(services: ServicesDep) -> Response:
     """Prometheus metrics: requests and latencies per route, predict batch sizes, queue

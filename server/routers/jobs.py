@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Query
 
-from server.dependencies import AdminAccess, ReadAccess, ServicesDep
+from server.dependencies import AdminAccess, JobId, Limit, Offset, ReadAccess, ServicesDep
 from server.errors import responses
-from server.schemas import JobOut
+from server.schemas import DB_INT_MAX, JobOut, links
 from store.models import JobState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-
-JobId = Annotated[int, Path(ge=1, description="The job's id.")]
 
 
 @router.get("", response_model=list[JobOut], responses=responses(401, 403, 422))
@@ -24,9 +22,11 @@ async def list_jobs(
     state: Annotated[
         list[JobState] | None, Query(description="Only jobs in these states (repeatable).")
     ] = None,
-    task_id: Annotated[int | None, Query(ge=1)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    task_id: Annotated[
+        int | None, Query(ge=1, le=DB_INT_MAX, description="Only the jobs of this task.")
+    ] = None,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[JobOut]:
     """Jobs, newest first."""
     jobs = await asyncio.to_thread(
@@ -35,7 +35,16 @@ async def list_jobs(
     return [JobOut.of(job) for job in jobs]
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=responses(401, 403, 404, 422))
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses=responses(401, 403, 404, 422)
+    | links(
+        200,
+        version=("GET /versions/{version_id}", {"version_id": "version_id"}),
+        activate=("POST /versions/{version_id}/activate", {"version_id": "version_id"}),
+    ),
+)
 async def get_job(services: ServicesDep, _: ReadAccess, job_id: JobId) -> JobOut:
     """A job's state and progress; a failed job's `error` says what to do."""
     return JobOut.of(await asyncio.to_thread(services.store.jobs.get, job_id))

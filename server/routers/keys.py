@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Response
 
-from server.dependencies import AdminAccess, ServicesDep
+from server.dependencies import AdminAccess, ApiKeyId, ServicesDep
 from server.errors import error, responses
-from server.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut
+from server.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, links
 from store.api_keys import ApiKeyInfo
 
 router = APIRouter(prefix="/api-keys", tags=["api keys"])
@@ -24,7 +23,13 @@ def _out(info: ApiKeyInfo) -> ApiKeyOut:
     )
 
 
-@router.post("", status_code=201, response_model=ApiKeyCreated, responses=responses(401, 403, 422))
+@router.post(
+    "",
+    status_code=201,
+    response_model=ApiKeyCreated,
+    responses=responses(400, 401, 403, 413, 422)
+    | links(201, revoke=("DELETE /api-keys/{key_id}", {"key_id": "id"})),
+)
 async def create_key(services: ServicesDep, _: AdminAccess, body: ApiKeyCreate) -> ApiKeyCreated:
     """Make a key; the response holds the key itself, which cannot be read again."""
     if not body.name.strip():
@@ -43,9 +48,7 @@ async def list_keys(services: ServicesDep, _: AdminAccess) -> list[ApiKeyOut]:
 @router.delete(
     "/{key_id}", status_code=204, response_class=Response, responses=responses(401, 403, 404, 422)
 )
-async def revoke_key(
-    services: ServicesDep, _: AdminAccess, key_id: Annotated[int, Path(ge=1)]
-) -> Response:
+async def revoke_key(services: ServicesDep, _: AdminAccess, key_id: ApiKeyId) -> Response:
     """Revoke a key: at once on this replica, within DMC_API_KEY_CACHE_SECONDS on others."""
     if not await asyncio.to_thread(services.store.api_keys.revoke, key_id):
         raise error(404, f"API key {key_id} does not exist")

@@ -18,7 +18,7 @@ from server.dependencies import PredictAccess, ServicesDep
 from server.errors import error, responses, validation_detail
 from server.images import decode_image
 from server.model import LoadedModel, NoActiveVersionError, VersionLoadError
-from server.schemas import ClassScore, ImagePrediction, PredictJSON, PredictOut
+from server.schemas import DB_INT_MAX, ClassScore, ImagePrediction, PredictJSON, PredictOut
 
 router = APIRouter(tags=["predict"])
 
@@ -37,10 +37,11 @@ _BODY: dict[str, Any] = {
                     "properties": {
                         "images": {
                             "type": "array",
+                            "minItems": 1,
                             "items": {"type": "string", "format": "binary"},
                         },
                         "top_k": {"type": "integer", "minimum": 1},
-                        "version": {"type": "integer", "minimum": 1},
+                        "version": {"type": "integer", "minimum": 1, "maximum": DB_INT_MAX},
                     },
                 }
             },
@@ -50,7 +51,7 @@ _BODY: dict[str, Any] = {
 }
 
 
-def _int_field(value: Any, name: str) -> int | None:
+def _int_field(value: Any, name: str, maximum: int | None = None) -> int | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):
@@ -61,6 +62,8 @@ def _int_field(value: Any, name: str) -> int | None:
         raise error(422, f"field {name!r} must be an integer, not {value[:40]!r}") from None
     if number < 1:
         raise error(422, f"field {name!r} must be at least 1")
+    if maximum is not None and number > maximum:
+        raise error(422, f"field {name!r} must be at most {maximum}")
     return number
 
 
@@ -81,7 +84,7 @@ async def _read_multipart(
             )
         files = [(v.filename, await v.read()) for v in values if isinstance(v, UploadFile)]
         top_k = _int_field(form.get("top_k"), "top_k")
-        return files, top_k, _int_field(form.get("version"), "version")
+        return files, top_k, _int_field(form.get("version"), "version", DB_INT_MAX)
 
 
 def _b64(text: str, index: int) -> bytes:
@@ -125,7 +128,7 @@ def _prepare(
 @router.post(
     "/predict",
     response_model=PredictOut,
-    responses=responses(400, 401, 403, 404, 409, 413, 415, 422, 503),
+    responses=responses(400, 401, 403, 404, 409, 413, 415, 422),
     openapi_extra=_BODY,
 )
 async def predict(
@@ -137,7 +140,9 @@ async def predict(
     ] = None,
     version: Annotated[
         int | None,
-        Query(ge=1, description="Answer with this version instead of the active one."),
+        Query(
+            ge=1, le=DB_INT_MAX, description="Answer with this version instead of the active one."
+        ),
     ] = None,
 ) -> PredictOut:
     """The top-k classes of each image with their probabilities, and the version that

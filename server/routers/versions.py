@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter
 
-from server.dependencies import AdminAccess, ReadAccess, ServicesDep
+from server.dependencies import AdminAccess, Limit, Offset, ReadAccess, ServicesDep, VersionId
 from server.errors import responses
 from server.schemas import VersionOut
 
 router = APIRouter(prefix="/versions", tags=["versions"])
-
-VersionId = Annotated[int, Path(ge=1, description="The version's id.")]
 
 
 @router.get("", response_model=list[VersionOut], responses=responses(401, 403, 422))
 async def list_versions(
     services: ServicesDep,
     _: ReadAccess,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Limit = 100,
+    offset: Offset = 0,
 ) -> list[VersionOut]:
     """Model versions, newest first; `active` marks the one the service answers with."""
     registry = services.store.registry

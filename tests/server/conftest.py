@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -50,6 +54,34 @@ def colour_pngs(colours: list[int], per_class: int, seed: int = 0) -> list[tuple
     """(class name, PNG bytes) of noisy solid-colour images (tests.core.toy)."""
     images, labels = colour_images(colours, per_class, seed)
     return [(COLOUR_NAMES[colours[y]], png(im)) for im, y in zip(images, labels, strict=True)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def live_server(settings: ServerSettings, timeout: float = 60.0) -> Iterator[str]:
+    """The app served by uvicorn on `settings.port` in a thread; yields its URL once it
+    has started, and stops it at the end."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{settings.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -184,7 +184,22 @@ def _bad_uploads() -> dict[str, tuple[Callable[[], dict[str, Any]], int, str]]:
             "class folder",
         ),
         "labels do not match": (lambda: labelled(two, ["cyan"]), 422, "2 images but 1 labels"),
-        "neither archive nor images": (lambda: {"data": {"activate": "true"}}, 422, "archive"),
+        "neither archive nor images": (
+            lambda: {"files": {"activate": (None, "true")}},
+            422,
+            "archive",
+        ),
+        "unknown field": (
+            lambda: {**labelled(two, []), "data": {"labels": ["cyan"] * 2, "colour": "x"}},
+            422,
+            "unknown field(s) 'colour'",
+        ),
+        "activate not a boolean": (
+            lambda: {**labelled(two, []), "data": {"labels": ["cyan"] * 2, "activate": "maybe"}},
+            422,
+            "activate",
+        ),
+        "not multipart": (lambda: {"json": {"labels": ["cyan"]}}, 415, "multipart/form-data"),
         "not an archive": (
             lambda: {"files": {"archive": ("x.zip", b"plain bytes, no archive")}},
             422,

@@ -103,5 +103,38 @@ def test_version_errors(server: Server) -> None:
     assert server.client.get("/versions", params={"limit": 0}, headers=read).status_code == 422
 
 
+def test_ids_and_offsets_past_the_database_integer_are_422(server: Server) -> None:
+    """Past INTEGER they would overflow the database driver; they are refused up front."""
+    admin = server.headers()
+    huge = 2**31
+    requests = [
+        ("GET", f"/jobs/{huge}", {}),
+        ("POST", f"/jobs/{huge}/cancel", {}),
+        ("GET", f"/versions/{huge}", {}),
+        ("POST", f"/versions/{huge}/activate", {}),
+        ("DELETE", f"/api-keys/{10**28}", {}),
+        ("GET", "/versions", {"offset": 10**25}),
+        ("GET", "/jobs", {"offset": huge}),
+        ("GET", "/jobs", {"task_id": huge}),
+        ("POST", "/predict", {"version": huge}),
+    ]
+    for method, path, params in requests:
+        response = server.client.request(method, path, params=params, headers=admin)
+        assert response.status_code == 422, (method, path, params, response.text)
+        assert str(2**31 - 1) in response.json()["detail"], response.text
+    assert server.client.get(f"/jobs/{huge - 1}", headers=admin).status_code == 404
+
+
+def test_a_405_allows_every_method_of_the_path(server: Server) -> None:
+    for path, allowed in [
+        ("/api-keys", "GET, HEAD, POST"),
+        ("/classes", "GET, HEAD, POST"),
+        ("/jobs/1", "GET, HEAD"),
+    ]:
+        response = server.client.request("PATCH", path, headers=server.headers())
+        assert response.status_code == 405
+        assert response.headers["allow"] == allowed
+
+
 def colour_png() -> bytes:
     return next(iter(colour_files([0], 1).values()))

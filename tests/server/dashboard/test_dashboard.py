@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,12 +15,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from server.app import create_app
 from server.settings import ServerSettings
-from tests.server.conftest import ADMIN_KEY, colour_pngs
+from tests.server.conftest import ADMIN_KEY, colour_pngs, free_port, live_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -67,38 +63,19 @@ class LiveServer:
         raise AssertionError(f"job {job_id} did not reach {states}: {job}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def live(settings_factory: Callable[..., ServerSettings]) -> Iterator[LiveServer]:
     """A uvicorn server in a thread with three versions made by three real jobs."""
-    port = _free_port()
-    settings = settings_factory(port=port, session_secret="dashboard-test-secret-0123456789")
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    api = httpx.Client(base_url=url, headers={"X-API-Key": ADMIN_KEY}, timeout=30)
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+    settings = settings_factory(port=free_port(), session_secret="dashboard-test-secret-0123456789")
+    with (
+        live_server(settings, timeout=30) as url,
+        httpx.Client(base_url=url, headers={"X-API-Key": ADMIN_KEY}, timeout=30) as api,
+    ):
         live = LiveServer(url, settings, api)
         for colours in ([0, 1], [2, 3], [4, 5]):
             job = live.add_task(colours)
             assert live.wait_job(int(job["job_id"]), ("succeeded",))["version_id"]  # type: ignore[arg-type]
         yield live
-    finally:
-        api.close()
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
