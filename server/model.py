@@ -80,12 +80,14 @@ Loader = Callable[[int], LoadedModel]
 def store_loader(
     registry: Registry, *, device: str, cache_dir: Path | None, work_dir: Path | None = None
 ) -> Loader:
-    """A loader that materialises the version's state from the store, checking every blob."""
+    """A loader that fetches the version's inference part from the store (checking every
+    blob; never the Gaussian memory) and predicts with its cached class prototypes."""
 
     def load(version_id: int) -> LoadedModel:
-        folder = registry.load_state(version_id, _scratch(work_dir, version_id))
+        scratch = _scratch(work_dir, version_id)
+        folder = registry.load_state(version_id, scratch, part="inference")
         try:
-            learner = load_state(folder, device=device, cache_dir=cache_dir)
+            learner = load_state(folder, part="inference", device=device, cache_dir=cache_dir)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         learner.merge_for_inference()

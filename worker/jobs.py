@@ -355,7 +355,7 @@ class JobRunner:
                 ) from error
         folder = workdir / f"parent-{parent.id}"
         try:
-            self.store.registry.load_state(parent.id, folder)
+            self.store.registry.load_state(parent.id, folder, part="full")
             learner = load_learner(folder, self.settings)
         except (StoreError, StateError, BackboneError) as error:
             raise JobFailedError(

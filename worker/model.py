@@ -57,7 +57,10 @@ def build_base_learner(settings: WorkerSettings) -> Learner:
 def load_learner(folder: Path, settings: WorkerSettings) -> Learner:
     """The learner saved in `folder`, on this worker's device, with the settings' schedule."""
     learner = load_state(
-        folder, device=resolve_device(settings.device), cache_dir=settings.model_cache_dir
+        folder,
+        part="full",
+        device=resolve_device(settings.device),
+        cache_dir=settings.model_cache_dir,
     )
     apply_schedule(learner, settings)
     return learner
