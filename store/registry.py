@@ -383,13 +383,13 @@ class Registry:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            names = sorted(info.files)
-            if part != "full":
+            if part == "full":
+                names = sorted(info.files)
+            else:  # the manifest says which files the part needs
                 self._fetch(info, MANIFEST, staging)
-                names = self._part_files(info, staging, part)
+                names = [n for n in self._part_files(info, staging, part) if n != MANIFEST]
             for name in names:
-                if not (part != "full" and name == MANIFEST):
-                    self._fetch(info, name, staging)
+                self._fetch(info, name, staging)
             if staging != target:
                 os.replace(staging, target)
         except BaseException:
