@@ -1,7 +1,7 @@
 """Predict latency of a serving replica at 10 and at 1,000 classes, same run.
 
-    .venv/bin/python bench/predict_classes.py [--model dmc-tiny-vit] [--classes 10 1000]
-        [--runs 200] [--rounds 3] [--device cpu]
+    .venv/bin/python bench/predict_classes.py [--model dmc-tiny-vit] [--image-size N]
+        [--cache-dir DIR] [--classes 10 1000] [--runs 200] [--rounds 3] [--device cpu]
 
 For each class count, builds a state of that many classes in tasks of 10 (prompts and
 Gaussian statistics of random features: learning does not change what a prediction
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dmc_core.backbone import load_backbone  # noqa: E402
+from dmc_core.backbone import BackboneSpec, load_backbone  # noqa: E402
 from dmc_core.config import LearnerConfig  # noqa: E402
 from dmc_core.learner import Learner  # noqa: E402
 from dmc_core.state import load_state, save_state  # noqa: E402
@@ -40,10 +40,11 @@ from dmc_core.state_files import files_of_part  # noqa: E402
 TASK_SIZE = 10
 
 
-def build_state(model: str, classes: int, device: str, folder: Path) -> int:
+def build_state(spec: BackboneSpec, classes: int, args: argparse.Namespace, folder: Path) -> int:
     """Save a state of `classes` classes; returns its inference-part bytes."""
     torch.manual_seed(0)
-    learner = Learner(load_backbone(model, device=device), LearnerConfig(device=device))
+    backbone = load_backbone(spec, device=args.device, cache_dir=args.cache_dir)
+    learner = Learner(backbone, LearnerConfig(device=args.device))
     blank = learner.preprocess([Image.new("RGB", (32, 32))])
     dim = learner.encode_images(blank).shape[1]
     for first in range(0, classes, TASK_SIZE):
@@ -69,6 +70,8 @@ def p50_ms(replica: Learner, pixels: torch.Tensor, runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dmc-tiny-vit")
+    parser.add_argument("--image-size", type=int, help="input size (e.g. 64 for the stand-in)")
+    parser.add_argument("--cache-dir", type=Path, help="where the stand-in is built")
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 1000])
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
@@ -76,13 +79,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    spec = BackboneSpec(args.model, image_size=args.image_size)
     with tempfile.TemporaryDirectory(prefix="dmc-predict-classes-") as tmp:
         replicas: dict[int, Learner] = {}
         for n in args.classes:
             folder = Path(tmp) / f"state-{n}"
-            inference_bytes = build_state(args.model, n, args.device, folder)
+            inference_bytes = build_state(spec, n, args, folder)
             started = time.perf_counter()
-            replica = load_state(folder, part="inference", device=args.device)
+            replica = load_state(
+                folder, part="inference", device=args.device, cache_dir=args.cache_dir
+            )
             replica.merge_for_inference()
             load_s = time.perf_counter() - started
             replicas[n] = replica

@@ -1,7 +1,8 @@
 """Bytes each version stores, before and after content addressing, and what a replica fetches.
 
-    .venv/bin/python bench/version_bytes.py [--model dmc-tiny-vit] [--tasks 4]
-        [--classes-per-task 2] [--methods dmc dmc_ot] [--json out.json]
+    .venv/bin/python bench/version_bytes.py [--model dmc-tiny-vit] [--image-size N]
+        [--cache-dir DIR] [--tasks 4] [--classes-per-task 2] [--methods dmc dmc_ot]
+        [--json out.json]
 
 Learns `--tasks` tasks of synthetic images (one random colour per class) on `--model`
 (random weights: sizes do not depend on them) with each method's short test schedule,
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
-from dmc_core.backbone import load_backbone  # noqa: E402
+from dmc_core.backbone import BackboneSpec, load_backbone  # noqa: E402
 from dmc_core.learner import Learner  # noqa: E402
 from dmc_core.state import save_state, state_tensors  # noqa: E402
 from dmc_core.state_files import files_of_part  # noqa: E402
@@ -56,9 +57,11 @@ def class_images(
     return images, labels
 
 
-def run(method: str, model: str, tasks: int, per_task: int, root: Path) -> list[dict[str, Any]]:
+def run(method: str, args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
+    tasks, per_task = args.tasks, args.classes_per_task
     torch.manual_seed(0)
-    learner = Learner(load_backbone(model), fast_config(method))
+    spec = BackboneSpec(args.model, image_size=args.image_size)
+    learner = Learner(load_backbone(spec, cache_dir=args.cache_dir), fast_config(method))
     store = Store.open(
         StoreSettings(database_url=f"sqlite:///{root}/dmc.sqlite", objects_dir=root / "objects"),
         upgrade=True,
@@ -97,6 +100,8 @@ def run(method: str, model: str, tasks: int, per_task: int, root: Path) -> list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="dmc-tiny-vit")
+    parser.add_argument("--image-size", type=int, help="input size (e.g. 64 for the stand-in)")
+    parser.add_argument("--cache-dir", type=Path, help="where the stand-in is built")
     parser.add_argument("--tasks", type=int, default=4)
     parser.add_argument("--classes-per-task", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["dmc", "dmc_ot"])
@@ -106,7 +111,7 @@ def main() -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for method in args.methods:
         with tempfile.TemporaryDirectory(prefix=f"dmc-bytes-{method}-") as tmp:
-            rows = run(method, args.model, args.tasks, args.classes_per_task, Path(tmp))
+            rows = run(method, args, Path(tmp))
         results[method] = rows
         print(f"\n{method} on {args.model}: bytes per version")
         print("task  classes  before(format 1)  added now  total now  inference part")
