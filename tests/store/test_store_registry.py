@@ -20,7 +20,7 @@ from store.errors import (
     VersionNotFoundError,
 )
 from store.models import Version
-from store.objects import ObjectStore, sha256_bytes
+from store.objects import ObjectStore, sha256_bytes, state_checksum
 from store.registry import Registry, VersionInfo
 
 
@@ -468,3 +468,38 @@ def test_inference_part_fetches_only_inference_files(registry: Registry, tmp_pat
     ]
     with pytest.raises(StateIntegrityError, match="is missing"):
         registry.load_state(v1.id, tmp_path / "worker", part="full")
+
+
+def test_versions_stored_before_content_addressing_still_work(
+    registry: Registry, db: Database, tmp_path: Path
+) -> None:
+    # What the previous publish wrote: files under the version's own prefix, no keys.
+    files = state_files("old")
+    location = "versions/0123abcd/"
+    for name, data in files.items():
+        registry.objects.put_bytes(location + name, data)
+    entries = {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()}
+    with db.write() as session:
+        row = Version(
+            parent_id=None,
+            class_count=0,
+            metrics={},
+            state_location=location,
+            checksum=state_checksum({n: e["sha256"] for n, e in entries.items()}),
+            files=entries,
+        )
+        session.add(row)
+        session.flush()
+        old_id = row.id
+    old = registry.get(old_id)
+    assert old.added_bytes == old.size_bytes == sum(len(d) for d in files.values())
+    assert registry.collect_garbage() == []
+    assert loaded(registry, old_id, tmp_path / "old") == files
+
+    # A new version with the same manifest bytes stores them once, under blobs/.
+    new = registry.publish(files, parent_id=None, activate=True)
+    assert new.added_bytes == new.size_bytes  # nothing of it was content-addressed before
+    assert all(key.startswith("blobs/") for key in new.keys.values())
+    assert registry.collect_garbage() == []
+    registry.delete(old_id)
+    assert blob_keys(registry.objects) == set(new.keys.values())
