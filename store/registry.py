@@ -437,16 +437,20 @@ class Registry:
 
 
 def _keys(row: Version) -> dict[str, str]:
-    return {
-        name: entry.get("key") or row.state_location + name for name, entry in row.files.items()
-    }
+    return _file_keys(row.state_location, row.files)
+
+
+def _file_keys(location: str, files: dict[str, Any]) -> dict[str, str]:
+    # Versions from before content addressing have no key: their files are under `location`.
+    return {name: entry.get("key") or location + name for name, entry in files.items()}
 
 
 def _referenced_keys(session: Session) -> set[str]:
     """The object keys of every version's files."""
     keys: set[str] = set()
-    for row in session.scalars(select(Version)):
-        keys.update(_keys(row).values())
+    rows = session.execute(select(Version.state_location, Version.files)).tuples()
+    for location, files in rows:
+        keys.update(_file_keys(location, files).values())
     return keys
 
 

@@ -478,14 +478,15 @@ def test_versions_stored_before_content_addressing_still_work(
     location = "versions/0123abcd/"
     for name, data in files.items():
         registry.objects.put_bytes(location + name, data)
-    entries = {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()}
+    digests = {n: sha256_bytes(d) for n, d in files.items()}
+    entries = {n: {"sha256": digests[n], "size": len(d)} for n, d in files.items()}
     with db.write() as session:
         row = Version(
             parent_id=None,
             class_count=0,
             metrics={},
             state_location=location,
-            checksum=state_checksum({n: e["sha256"] for n, e in entries.items()}),
+            checksum=state_checksum(digests),
             files=entries,
         )
         session.add(row)
