@@ -30,6 +30,7 @@ from dmc_core.state_files import (
     INFERENCE_FILE,
     LEGACY_TENSORS,
     MANIFEST,
+    MEMORY_DIR,
     PARTS,
     TRAINING,
     Part,
@@ -119,6 +120,11 @@ def save_state(learner: Learner, folder: Path) -> dict[str, Any]:
     atomic_write(
         folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     )
+    # A state saved over an older one: the folder holds exactly what the manifest lists.
+    stale = [folder / LEGACY_TENSORS, *(folder / MEMORY_DIR).glob("*.safetensors")]
+    for path in stale:
+        if path.relative_to(folder).as_posix() not in files:
+            path.unlink(missing_ok=True)
     return manifest
 
 

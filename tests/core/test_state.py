@@ -187,6 +187,10 @@ def test_unchanged_statistics_keep_identical_files(
     for key, value in state_tensors(learner).items():
         assert torch.equal(value, state_tensors(restored)[key]), key
 
+    # Saved over a state with more tasks, the folder keeps only what the manifest lists.
+    save_state(load_state(tmp_path / "two"), tmp_path / "three")
+    assert not (tmp_path / "three" / memory_file(2)).exists()
+
 
 def test_memory_files_that_do_not_match_the_tasks_are_refused(saved: Path) -> None:
     manifest = json.loads((saved / MANIFEST).read_text())
