@@ -123,6 +123,8 @@ class Learner:
         self.prompts.to(self.device)
         self.memory = GaussianMemory(self.config.memory)
         self.merged = False
+        # Loaded without its Gaussian memory (a serving replica): it predicts, never learns.
+        self.inference_only = False
         self._prototypes: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ queries
@@ -160,6 +162,15 @@ class Learner:
             with torch.inference_mode(), self._autocast():
                 self._prototypes = F.normalize(self.prompts().float(), dim=-1)
         return self._prototypes
+
+    def use_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Answer with these saved prototypes (one L2-normalised row per class) instead of
+        running the text tower; dropped as soon as the prompts change."""
+        if prototypes.shape[0] != len(self.class_names):
+            raise ValueError(
+                f"{prototypes.shape[0]} prototypes for {len(self.class_names)} classes"
+            )
+        self._prototypes = prototypes.float().to(self.device)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         # `cached` computes each LoRA-adapted weight once per call, not once per use.
@@ -258,6 +269,11 @@ class Learner:
     ) -> None:
         if self.merged:
             raise TaskError("the adapter was merged for inference; load the state again to learn")
+        if self.inference_only:
+            raise TaskError(
+                "this learner was loaded for inference only, without its Gaussian memory; "
+                "load the full state (part='full') to learn"
+            )
         if not class_names:
             raise TaskError("a task needs at least one class")
         for name in class_names:

@@ -80,13 +80,15 @@ Loader = Callable[[int], LoadedModel]
 def store_loader(
     registry: Registry, *, device: str, cache_dir: Path | None, work_dir: Path | None = None
 ) -> Loader:
-    """A loader that materialises the version's state from the store, checking every blob
-    and that it holds the classes the registry lists (`worker.model.load_version`)."""
+    """A loader that fetches the version's inference part from the store (checking every
+    blob; never the Gaussian memory), checks it holds the classes the registry lists
+    (`worker.model.load_version`) and predicts with its cached class prototypes."""
 
     def load(version_id: int) -> LoadedModel:
         learner = load_version(
             registry,
             version_id,
+            part="inference",
             device=device,
             cache_dir=cache_dir,
             folder=_scratch(work_dir, version_id),

@@ -73,7 +73,11 @@ class VersionOut(BaseModel):
     class_count: int
     new_classes: list[str] = Field(description="The classes this version added.")
     metrics: dict[str, Any]
-    size_bytes: int
+    size_bytes: int = Field(description="All its files, shared ones included.")
+    added_bytes: int = Field(
+        description="What storing it added: its files that no version stored before it did "
+        "(versions share unchanged files)."
+    )
     checksum: str
     active: bool
 

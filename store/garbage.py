@@ -1,4 +1,4 @@
-"""Removal of blob folders that no row references (orphans of a crash or a failed write)."""
+"""Removal of blobs that no row references (orphans of a crash, a failed write or a delete)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,21 @@ def collect_unreferenced(
         removed.extend(keys)
         log.info("garbage collector removed %d unreferenced object(s) in %s", len(keys), folder)
     return removed
+
+
+def collect_unreferenced_objects(
+    objects: ObjectStore, prefix: str, referenced: set[str], grace_seconds: float
+) -> list[str]:
+    """Delete every object under `prefix` whose key is not in `referenced` and that is older
+    than `grace_seconds`; return their keys. The caller holds what stops new references
+    from appearing meanwhile (the registry: the versions lock)."""
+    cutoff = utcnow() - timedelta(seconds=grace_seconds)
+    garbage = sorted(
+        info.key
+        for info in objects.list(prefix)
+        if info.key not in referenced and info.modified <= cutoff
+    )
+    if garbage:
+        objects.delete_many(garbage)
+        log.info("garbage collector removed %d unreferenced object(s) in %s", len(garbage), prefix)
+    return garbage

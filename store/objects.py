@@ -19,6 +19,7 @@ from store.settings import StoreSettings
 
 _CHUNK = 1 << 20
 _TMP_MARK = ".tmp-"
+BLOBS_ROOT = "blobs"
 
 
 @dataclass(frozen=True)
@@ -378,6 +379,11 @@ def make_object_store(settings: StoreSettings) -> ObjectStore:
     if settings.object_store == "s3":
         return S3ObjectStore.from_settings(settings)
     return LocalObjectStore(settings.objects_dir)
+
+
+def content_key(sha256: str) -> str:
+    """Where a blob is stored by its content: equal bytes, one object."""
+    return f"{BLOBS_ROOT}/{sha256}"
 
 
 def fresh_prefix(root: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from dmc_core.state_files import MANIFEST, Part, files_of_part
 from store.db import Database
 from store.errors import (
     DuplicateClassError,
@@ -29,14 +31,26 @@ from store.errors import (
     VersionInUseError,
     VersionNotFoundError,
 )
-from store.garbage import collect_unreferenced
+from store.garbage import collect_unreferenced, collect_unreferenced_objects
 from store.models import ACTIVE_ALIAS, Alias, ClassRecord, Task, Version, utcnow
 from store.names import class_name_problem
-from store.objects import ObjectStore, fresh_prefix, state_checksum, validate_key
+from store.objects import (
+    BLOBS_ROOT,
+    ObjectStore,
+    content_key,
+    fresh_prefix,
+    sha256_bytes,
+    sha256_file,
+    state_checksum,
+    validate_key,
+)
 from store.tasks import learned_names
 
 log = logging.getLogger(__name__)
 
+# Versions published before content addressing keep their files under
+# `versions/<hex>/<name>`; newer ones store each file once, at `blobs/<sha256>`, and their
+# (unique) `state_location` only names them.
 VERSIONS_ROOT = "versions"
 
 # A state: a folder of files (what dmc_core.state writes), or file name -> content.
@@ -56,8 +70,11 @@ class VersionInfo:
     state_location: str
     checksum: str
     files: dict[str, str]  # file name -> sha256
-    size_bytes: int
+    size_bytes: int  # all its files
     new_classes: tuple[str, ...] = field(default=())
+    # What storing it cost: its blobs that no version stored before it did.
+    added_bytes: int = 0
+    keys: dict[str, str] = field(default_factory=dict)  # file name -> object key
 
 
 class Registry:
@@ -94,18 +111,19 @@ class Registry:
         (e.g. to mark the job that built the state succeeded); if it raises, nothing is
         published.
         """
-        sources = _state_sources(state)
+        sources = dict(_state_sources(state))
         names = _validate_class_names(new_classes)
         location = fresh_prefix(VERSIONS_ROOT)
+        uploaded: builtins.list[str] = []
         try:
             files: dict[str, dict[str, Any]] = {}
-            for name, source in sources:
-                key = location + name
-                if isinstance(source, bytes):
-                    digest, size = self.objects.put_bytes(key, source), len(source)
-                else:
-                    digest, size = self.objects.put_file(key, source), source.stat().st_size
-                files[name] = {"sha256": digest, "size": size}
+            for name, source in sources.items():
+                digest, size = _digest(source)
+                key = content_key(digest)
+                if not self.objects.exists(key):
+                    self._put(key, source, digest)
+                    uploaded.append(key)
+                files[name] = {"sha256": digest, "size": size, "key": key}
             checksum = state_checksum({n: f["sha256"] for n, f in files.items()})
             try:
                 with self.db.write() as session:
@@ -119,6 +137,7 @@ class Registry:
                         location=location,
                         checksum=checksum,
                         files=files,
+                        sources=sources,
                         activate=activate,
                         require_newest_parent=require_newest_parent,
                     )
@@ -134,12 +153,39 @@ class Registry:
         except Exception:
             # Best effort; whatever is left (or a crash) is the garbage collector's.
             try:
-                self.objects.delete_prefix(location)
+                self._delete_unreferenced(uploaded)
             except Exception:
-                log.warning("could not remove the blobs of a failed publish at %s", location)
+                log.warning("could not remove the blobs of a failed publish of %s", location)
             raise
-        log.info("published version %d (parent %s) at %s", info.id, parent_id, location)
+        log.info(
+            "published version %d (parent %s): %d of %d bytes new",
+            info.id,
+            parent_id,
+            info.added_bytes,
+            info.size_bytes,
+        )
         return info
+
+    def _put(self, key: str, source: bytes | Path, digest: str) -> None:
+        if isinstance(source, bytes):
+            stored = self.objects.put_bytes(key, source)
+        else:
+            stored = self.objects.put_file(key, source)
+        if stored != digest:
+            self.objects.delete(key)
+            raise ObjectIntegrityError(key, digest, stored)
+
+    def _delete_unreferenced(self, keys: builtins.list[str]) -> builtins.list[str]:
+        """Remove those of `keys` that no version references. Under the publishers' lock:
+        a publisher re-checks, under the same lock, that the blobs it reuses still exist."""
+        if not keys:
+            return []
+        with self.db.write() as session:
+            self.db.lock_table(session, Version.__tablename__)
+            referenced = _referenced_keys(session)
+            garbage = sorted(set(keys) - referenced)
+            self.objects.delete_many(garbage)
+        return garbage
 
     def _insert(
         self,
@@ -153,11 +199,19 @@ class Registry:
         location: str,
         checksum: str,
         files: dict[str, dict[str, Any]],
+        sources: Mapping[str, bytes | Path],
         activate: bool,
         require_newest_parent: bool,
     ) -> VersionInfo:
-        # Publishers (and deleters) take turns, so the checks below hold until commit.
+        # Publishers, deleters and the garbage collector take turns, so the checks below
+        # hold until commit.
         self.db.lock_table(session, Version.__tablename__)
+        referenced = _referenced_keys(session)
+        for name, entry in files.items():
+            entry["new"] = entry["key"] not in referenced
+            # A blob found before the lock may since have been collected as garbage.
+            if entry["new"] and not self.objects.exists(entry["key"]):
+                self._put(entry["key"], sources[name], entry["sha256"])
         parent = None
         if parent_id is not None:
             parent = session.get(Version, parent_id)
@@ -230,12 +284,14 @@ class Registry:
                 listed = ", ".join(str(c) for c in children)
                 raise VersionInUseError(version_id, f"versions {listed} build on it")
             location = row.state_location
+            keys = builtins.list(_keys(row).values())
             try:
                 session.execute(delete(Version).where(Version.id == version_id))
                 session.flush()
             except IntegrityError as error:
                 raise VersionInUseError(version_id, "it is referenced") from error
         try:
+            self._delete_unreferenced(keys)
             self.objects.delete_prefix(location)
         except Exception:
             log.warning("could not remove the blobs of deleted version %d", version_id)
@@ -249,7 +305,14 @@ class Registry:
                 return set(session.scalars(select(Version.state_location)))
 
         grace = self.gc_grace_seconds if grace_seconds is None else grace_seconds
-        return collect_unreferenced(self.objects, VERSIONS_ROOT, referenced, grace)
+        removed = collect_unreferenced(self.objects, VERSIONS_ROOT, referenced, grace)
+        with self.db.write() as session:
+            # Under the publishers' lock: see `_delete_unreferenced`.
+            self.db.lock_table(session, Version.__tablename__)
+            removed += collect_unreferenced_objects(
+                self.objects, f"{BLOBS_ROOT}/", _referenced_keys(session), grace
+            )
+        return removed
 
     # --- reading -------------------------------------------------------------------
 
@@ -295,9 +358,13 @@ class Registry:
                 raise VersionNotFoundError(version_id)
             return builtins.list(session.scalars(query))
 
-    def load_state(self, version_id: int, dest: Path | str | None = None) -> Path:
+    def load_state(
+        self, version_id: int, dest: Path | str | None = None, *, part: Part = "full"
+    ) -> Path:
         """Materialise a version's state as a folder and return its path.
 
+        `part="inference"` fetches only the files its manifest lists for inference (what
+        an API replica needs); "full" fetches every file.
         `dest` must not exist or be an empty folder; None makes a fresh temporary folder.
         Each blob is checked against its recorded sha256 and the file list against the
         version checksum; on any mismatch nothing is left at `dest` and
@@ -318,24 +385,43 @@ class Registry:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            for name, digest in sorted(info.files.items()):
-                key = info.state_location + name
-                try:
-                    self.objects.get_file(key, staging.joinpath(*name.split("/")), sha256=digest)
-                except ObjectIntegrityError as error:
-                    raise StateIntegrityError(
-                        version_id,
-                        f"file {name!r} was altered (sha256 {error.actual}, "
-                        f"recorded {error.expected})",
-                    ) from error
-                except ObjectNotFoundError as error:
-                    raise StateIntegrityError(version_id, f"file {name!r} is missing") from error
+            if part == "full":
+                names = sorted(info.files)
+            else:  # the manifest says which files the part needs
+                self._fetch(info, MANIFEST, staging)
+                names = [n for n in self._part_files(info, staging, part) if n != MANIFEST]
+            for name in names:
+                self._fetch(info, name, staging)
             if staging != target:
                 os.replace(staging, target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return target
+
+    def _fetch(self, info: VersionInfo, name: str, folder: Path) -> None:
+        try:
+            self.objects.get_file(
+                info.keys[name], folder.joinpath(*name.split("/")), sha256=info.files[name]
+            )
+        except ObjectIntegrityError as error:
+            raise StateIntegrityError(
+                info.id,
+                f"file {name!r} was altered (sha256 {error.actual}, recorded {error.expected})",
+            ) from error
+        except ObjectNotFoundError as error:
+            raise StateIntegrityError(info.id, f"file {name!r} is missing") from error
+
+    def _part_files(self, info: VersionInfo, folder: Path, part: Part) -> builtins.list[str]:
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+            names = files_of_part(manifest, part)
+        except (ValueError, AttributeError) as error:
+            raise StateIntegrityError(info.id, f"its manifest is unusable: {error}") from error
+        unknown = sorted(set(names) - set(info.files))
+        if unknown:
+            raise StateIntegrityError(info.id, f"its manifest lists unknown files {unknown}")
+        return names
 
     def _infos(self, query: Select[Version]) -> builtins.list[VersionInfo]:
         with self.db.read() as session:
@@ -352,6 +438,40 @@ class Registry:
             return [_info(row, classes[row.id]) for row in rows]
 
 
+def _keys(row: Version) -> dict[str, str]:
+    return _file_keys(row.state_location, row.files)
+
+
+def _file_keys(location: str, files: dict[str, Any]) -> dict[str, str]:
+    # Versions from before content addressing have no key: their files are under `location`.
+    return {name: entry.get("key") or location + name for name, entry in files.items()}
+
+
+def _referenced_keys(session: Session) -> set[str]:
+    """The object keys of every version's files."""
+    keys: set[str] = set()
+    rows = session.execute(select(Version.state_location, Version.files)).tuples()
+    for location, files in rows:
+        keys.update(_file_keys(location, files).values())
+    return keys
+
+
+def _added_bytes(row: Version) -> int:
+    # Files of versions from before content addressing were all stored anew.
+    added = {
+        entry.get("key", name): int(entry.get("size", 0))
+        for name, entry in row.files.items()
+        if entry.get("new", True)
+    }
+    return sum(added.values())
+
+
+def _digest(source: bytes | Path) -> tuple[str, int]:
+    if isinstance(source, bytes):
+        return sha256_bytes(source), len(source)
+    return sha256_file(source), source.stat().st_size
+
+
 def _info(row: Version, new_classes: Sequence[str]) -> VersionInfo:
     return VersionInfo(
         id=row.id,
@@ -364,6 +484,8 @@ def _info(row: Version, new_classes: Sequence[str]) -> VersionInfo:
         files={name: f["sha256"] for name, f in row.files.items()},
         size_bytes=sum(int(f.get("size", 0)) for f in row.files.values()),
         new_classes=tuple(new_classes),
+        added_bytes=_added_bytes(row),
+        keys=_keys(row),
     )
 
 

@@ -14,6 +14,7 @@ from dmc_core.backbone import BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
 from dmc_core.learner import Learner
 from dmc_core.state import load_state
+from dmc_core.state_files import Part
 from store.registry import Registry
 from worker.errors import VersionMismatchError
 from worker.settings import WorkerSettings
@@ -62,20 +63,24 @@ def load_version(
     registry: Registry,
     version_id: int,
     *,
+    part: Part,
     device: str,
     cache_dir: Path | None,
     folder: Path | None = None,
 ) -> Learner:
-    """The learner of a version: its state materialised from the store into `folder` (a
+    """The learner of a version: its state's `part` ("inference": no Gaussian memory, for
+    predicting; "full": to learn on) materialised from the store into `folder` (a
     temporary folder by default; removed afterwards), every blob checked, and loaded on
     `device` ("auto": a GPU if there is one).
 
     Raises the store's and `dmc_core`'s errors when the state cannot be loaded, and
     `VersionMismatchError` when it holds other classes than the registry lists.
     """
-    materialised = registry.load_state(version_id, folder)
+    materialised = registry.load_state(version_id, folder, part=part)
     try:
-        learner = load_state(materialised, device=resolve_device(device), cache_dir=cache_dir)
+        learner = load_state(
+            materialised, part=part, device=resolve_device(device), cache_dir=cache_dir
+        )
     finally:
         shutil.rmtree(materialised, ignore_errors=True)
     listed = registry.class_names(version_id)
@@ -87,11 +92,12 @@ def load_version(
 def load_learner(
     registry: Registry, version_id: int, settings: WorkerSettings, folder: Path
 ) -> Learner:
-    """The learner of a version to learn on: on this worker's device, with the settings'
-    schedule."""
+    """The learner of a version to learn on: its full state, on this worker's device, with
+    the settings' schedule."""
     learner = load_version(
         registry,
         version_id,
+        part="full",
         device=settings.device,
         cache_dir=settings.model_cache_dir,
         folder=folder,

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from dmc_core.backbone import Backbone, BackboneSpec
-from dmc_core.learner import Learner
-from dmc_core.state import MANIFEST, TENSORS, StateError, load_state, save_state, state_tensors
+from dmc_core.files import sha256_file
+from dmc_core.learner import Learner, TaskError
+from dmc_core.state import StateError, load_state, save_state, state_tensors
+from dmc_core.state_files import (
+    INFERENCE_FILE,
+    LEGACY_TENSORS,
+    MANIFEST,
+    files_of_part,
+    memory_file,
+)
 from tests.core.toy import FAMILIES, colour_images, fast_config
 
 
@@ -30,7 +38,8 @@ def test_round_trip_gives_bit_identical_predictions(
     learner = _learn_two_tasks(Learner(backbone_factory(family), fast_config("dmc_ot")))
     manifest = save_state(learner, state_dir)
     assert manifest["classes"][-1] == {"name": "colour 3", "task": 1}
-    assert sorted(p.name for p in state_dir.iterdir()) == sorted([MANIFEST, TENSORS])
+    stored = sorted(p.relative_to(state_dir).as_posix() for p in state_dir.rglob("*.*"))
+    assert stored == sorted([MANIFEST, INFERENCE_FILE, memory_file(0), memory_file(1)])
 
     restored = load_state(state_dir)  # backbone rebuilt from the manifest's spec
     assert restored.backbone.spec == checkpoints[family]
@@ -69,10 +78,11 @@ def saved(backbone_factory: Callable[[str], Backbone], state_dir: Path) -> Path:
     return state_dir
 
 
-def test_corrupt_tensor_file_is_refused(saved: Path) -> None:
-    data = bytearray((saved / TENSORS).read_bytes())
+@pytest.mark.parametrize("name", [INFERENCE_FILE, memory_file(0)])
+def test_corrupt_tensor_file_is_refused(saved: Path, name: str) -> None:
+    data = bytearray((saved / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (saved / TENSORS).write_bytes(bytes(data))
+    (saved / name).write_bytes(bytes(data))
     with pytest.raises(StateError, match="corrupt"):
         load_state(saved)
 
@@ -87,14 +97,17 @@ def test_other_format_version_is_refused(saved: Path) -> None:
     manifest = json.loads((saved / MANIFEST).read_text())
     manifest["format_version"] = 99
     (saved / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(StateError, match="format 99"):
+    with pytest.raises(StateError, match="format 99; this dmc reads formats 1 and 2"):
         load_state(saved)
 
 
 def test_missing_files_are_refused(saved: Path, tmp_path: Path) -> None:
-    (saved / TENSORS).unlink()
-    with pytest.raises(StateError, match=r"state\.safetensors is missing"):
+    (saved / memory_file(0)).unlink()
+    with pytest.raises(StateError, match=r"memory/task-00000\.safetensors is missing"):
         load_state(saved)
+    (saved / INFERENCE_FILE).unlink()
+    with pytest.raises(StateError, match=r"inference\.safetensors is missing"):
+        load_state(saved, part="inference")
     with pytest.raises(StateError, match=r"manifest\.json is missing"):
         load_state(tmp_path / "nowhere")
 
@@ -115,3 +128,112 @@ def test_tensors_that_do_not_fit_are_refused(saved: Path) -> None:
     (saved / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(StateError, match="does not fit"):
         load_state(saved)
+
+
+# --- the inference part ----------------------------------------------------------------
+
+
+def test_inference_part_predicts_without_the_memory_and_refuses_to_learn(
+    backbone_factory: Callable[[str], Backbone], state_dir: Path
+) -> None:
+    learner = _learn_two_tasks(Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot")))
+    manifest = save_state(learner, state_dir)
+    training = [n for n, f in manifest["files"].items() if f["part"] == "training"]
+    assert training == [memory_file(0), memory_file(1)]
+    assert files_of_part(manifest, "inference") == [MANIFEST, INFERENCE_FILE]
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256_file(state_dir / name)
+        assert entry["size"] == (state_dir / name).stat().st_size
+    for name in training:
+        (state_dir / name).unlink()  # a replica never reads them
+
+    replica = load_state(state_dir, part="inference")
+    assert replica.inference_only and len(replica.memory) == 0
+    pixels = learner.preprocess(colour_images([0, 1, 2, 3], 3, seed=7)[0])
+    assert torch.equal(replica.logits(pixels), learner.logits(pixels))
+
+    # The cached prototypes are what the replica answers with: the text tower never runs.
+    def no_text_tower() -> torch.Tensor:
+        raise AssertionError("the text tower ran")
+
+    replica.prompts.forward = no_text_tower  # type: ignore[method-assign]
+    assert replica.predict(pixels, top_k=1)[0].names == learner.predict(pixels, top_k=1)[0].names
+
+    images, labels = colour_images([4], 6, seed=3)
+    with pytest.raises(TaskError, match="inference only"):
+        replica.learn_task(images, labels, ["colour 4"])
+    with pytest.raises(StateError, match="inference only"):
+        save_state(replica, state_dir / "again")
+    with pytest.raises(StateError, match=r"memory/task-00000\.safetensors is missing"):
+        load_state(state_dir, part="full")
+
+
+def test_unchanged_statistics_keep_identical_files(
+    backbone_factory: Callable[[str], Backbone], tmp_path: Path
+) -> None:
+    # DMC without calibration leaves the old classes' statistics alone, so the memory
+    # files of old tasks are byte-identical from one state to the next.
+    learner = _learn_two_tasks(Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc")))
+    before = save_state(learner, tmp_path / "two")
+    images, labels = colour_images([4], 6, seed=3)
+    learner.learn_task(images, labels, ["colour 4"])
+    after = save_state(learner, tmp_path / "three")
+    for name in (memory_file(0), memory_file(1)):
+        assert after["files"][name] == before["files"][name]
+    assert set(after["files"]) - set(before["files"]) == {memory_file(2)}
+    assert after["files"][INFERENCE_FILE] != before["files"][INFERENCE_FILE]
+
+    restored = load_state(tmp_path / "three")
+    for key, value in state_tensors(learner).items():
+        assert torch.equal(value, state_tensors(restored)[key]), key
+
+    # Saved over a state with more tasks, the folder keeps only what the manifest lists.
+    save_state(load_state(tmp_path / "two"), tmp_path / "three")
+    assert not (tmp_path / "three" / memory_file(2)).exists()
+
+
+def test_memory_files_that_do_not_match_the_tasks_are_refused(saved: Path) -> None:
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["classes"][1]["task"] = 1  # two tasks claimed, one memory file
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StateError, match="do not match its tasks"):
+        load_state(saved)
+
+
+def _save_format_1(learner: Learner, folder: Path) -> None:
+    """What the format-1 writer (one tensor file, no prototypes) produced."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file(state_tensors(learner), str(folder / LEGACY_TENSORS))
+    manifest = {
+        "format_version": 1,
+        "backbone": learner.backbone.spec.to_dict(),
+        "backbone_id": learner.backbone.spec.id,
+        "config": learner.config.to_dict(),
+        "classes": [{"name": c.name, "task": c.task} for c in learner.classes],
+        "n_tasks": learner.n_tasks,
+        "tensors_sha256": sha256_file(folder / LEGACY_TENSORS),
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_format_1_states_still_load(
+    backbone_factory: Callable[[str], Backbone], tmp_path: Path
+) -> None:
+    learner = _learn_two_tasks(Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot")))
+    _save_format_1(learner, tmp_path / "v1")
+    assert files_of_part(json.loads((tmp_path / "v1" / MANIFEST).read_text()), "inference") == [
+        MANIFEST,
+        LEGACY_TENSORS,
+    ]
+    pixels = learner.preprocess(colour_images([0, 3], 3, seed=2)[0])
+    full = load_state(tmp_path / "v1")
+    for key, value in state_tensors(learner).items():
+        assert torch.equal(value, state_tensors(full)[key]), key
+    assert torch.equal(full.logits(pixels), learner.logits(pixels))
+    replica = load_state(tmp_path / "v1", part="inference")
+    assert replica.inference_only and len(replica.memory) == 0
+    assert torch.equal(replica.logits(pixels), learner.logits(pixels))
+    # Saved again, it is a format-2 state.
+    assert save_state(full, tmp_path / "v2")["format_version"] == 2

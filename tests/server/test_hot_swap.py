@@ -4,6 +4,7 @@ one keeps answering, and /readyz reports the error."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -79,13 +80,17 @@ def test_a_swap_made_through_another_replica_is_seen(server: Server) -> None:
 
 
 def test_a_corrupt_version_keeps_the_old_one_serving(
-    server_factory: Callable[..., Server],
+    server_factory: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = server_factory(publish=("v1", "v2"))
     server.wait_ready(version_id=2)
-    # Version 3: the same state as version 2, with its tensors altered in the object store.
-    v3 = server.store.registry.publish(server.states["v2"], parent_id=2, activate=False)
-    blob = Path(server.settings.objects_dir) / v3.state_location / "state.safetensors"
+    # Version 3: version 2's state with a manifest of its own (other bytes, so a blob of
+    # its own), altered in the object store.
+    state = shutil.copytree(server.states["v2"], tmp_path / "v3")
+    with (state / "manifest.json").open("a") as manifest:
+        manifest.write("\n")
+    v3 = server.store.registry.publish(state, parent_id=2, activate=False)
+    blob = Path(server.settings.objects_dir) / v3.keys["manifest.json"]
     data = bytearray(blob.read_bytes())
     data[-10] ^= 0xFF
     blob.write_bytes(bytes(data))

@@ -73,6 +73,12 @@ def test_versions_list_get_activate_and_rollback(server: Server) -> None:
     one = server.client.get("/versions/1", headers=read).json()
     assert one["id"] == 1 and one["active"] is True and one["new_classes"] == ["red", "green"]
     assert one["size_bytes"] > 0 and len(one["checksum"]) == 64
+    assert one["added_bytes"] == one["size_bytes"]  # the first version stores everything
+    # The same state published again shares every blob: it adds nothing.
+    again = server.store.registry.publish(server.states["v2"], parent_id=v2.id)
+    body = server.client.get(f"/versions/{again.id}", headers=read).json()
+    assert body["added_bytes"] == 0 and body["size_bytes"] == versions[0]["size_bytes"] > 0
+    assert 0 < versions[0]["added_bytes"] <= versions[0]["size_bytes"]
 
     activated = server.client.post(f"/versions/{v2.id}/activate", headers=server.headers())
     assert activated.status_code == 200, activated.text

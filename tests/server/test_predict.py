@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import struct
 import time
 import zlib
@@ -243,3 +244,42 @@ def test_a_failing_forward_pass_is_a_json_500(
         assert "RuntimeError" in response.json()["detail"]
         # The batcher goes on: the next request is answered (and fails the same way).
         assert client.post("/predict", files=files, headers=headers).status_code == 500
+
+
+def test_a_replica_fetches_and_loads_only_the_inference_part(
+    server: Server, tmp_path: Path
+) -> None:
+    v2 = server.publish("v2", parent=1, activate=False)
+    states = {1: server.states["v1"], v2.id: server.states["v2"]}
+    manifests = {
+        v: json.loads((state / "manifest.json").read_text()) for v, state in states.items()
+    }
+
+    def part_bytes(version: int, part: str) -> int:
+        files = manifests[version]["files"].values()
+        return sum(f["size"] for f in files if f["part"] == part)
+
+    # The training blobs of version 2 are gone from the store: a replica never reads them.
+    for name, entry in manifests[v2.id]["files"].items():
+        if entry["part"] == "training":
+            server.store.objects.delete(v2.keys[name])
+    activated = server.client.post(f"/versions/{v2.id}/activate", headers=server.headers())
+    assert activated.status_code == 200, activated.text
+    server.wait_ready(version_id=v2.id)
+    response = server.predict([colour_pngs([2], 1)[0][1]], top_k=4)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version_id"] == v2.id
+    names = {c["name"] for c in body["predictions"][0]["classes"]}
+    assert names == {"red", "green", "blue", "yellow"}
+
+    # What a replica fetches is exactly the inference part: it does not grow with the memory.
+    fetched = {}
+    for version, state in states.items():
+        out = server.store.registry.load_state(version, tmp_path / str(version), part="inference")
+        fetched[version] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        manifest_size = (state / "manifest.json").stat().st_size
+        assert fetched[version] == part_bytes(version, "inference") + manifest_size
+    memory_growth = part_bytes(v2.id, "training") - part_bytes(1, "training")
+    assert memory_growth > 0
+    assert fetched[v2.id] - fetched[1] < memory_growth / 10

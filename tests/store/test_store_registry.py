@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from store.errors import (
     VersionNotFoundError,
 )
 from store.models import Version
-from store.objects import ObjectStore
+from store.objects import ObjectStore, sha256_bytes, state_checksum
 from store.registry import Registry, VersionInfo
 
 
@@ -49,7 +50,11 @@ def loaded(registry: Registry, version_id: int, dest: Path) -> dict[str, bytes]:
 
 
 def blob_keys(objects: ObjectStore) -> set[str]:
-    return {info.key for info in objects.list("versions/")}
+    return {info.key for info in objects.list()}
+
+
+def version_keys(registry: Registry) -> set[str]:
+    return {key for v in registry.list() for key in v.keys.values()}
 
 
 def snapshot(registry: Registry) -> tuple[list[VersionInfo], VersionInfo | None, set[str]]:
@@ -221,9 +226,7 @@ def test_two_publishers_racing_on_the_newest_parent(registry: Registry) -> None:
     assert isinstance(refused[0], StaleParentError)
     assert [v.id for v in registry.list()] == [published[0].id, base.id]
     # The refused publisher cleaned its blobs up.
-    assert blob_keys(registry.objects) == {
-        v.state_location + name for v in registry.list() for name in v.files
-    }
+    assert blob_keys(registry.objects) == version_keys(registry)
 
 
 # --- must hold: a crash between the blobs and the row -------------------------------
@@ -278,7 +281,7 @@ def test_garbage_collector_spares_recent_blobs(registry: Registry) -> None:
     registry.objects.put_bytes("versions/in-progress/state.safetensors", b"being published")
     assert registry.collect_garbage(grace_seconds=3600) == []
     assert registry.collect_garbage(grace_seconds=0) == ["versions/in-progress/state.safetensors"]
-    assert blob_keys(registry.objects) == {v1.state_location + name for name in v1.files}
+    assert blob_keys(registry.objects) == set(v1.keys.values())
 
 
 # --- must hold: an altered blob is refused -----------------------------------------
@@ -286,7 +289,7 @@ def test_garbage_collector_spares_recent_blobs(registry: Registry) -> None:
 
 def test_altered_blob_is_refused_on_load(registry: Registry, tmp_path: Path) -> None:
     v1 = registry.publish(state_files("1"), parent_id=None, activate=True)
-    registry.objects.put_bytes(v1.state_location + "state.safetensors", b"evil weights")
+    registry.objects.put_bytes(v1.keys["state.safetensors"], b"evil weights")
     loads = tmp_path / "loads"
     with pytest.raises(StateIntegrityError, match=r"'state.safetensors' was altered") as caught:
         registry.load_state(v1.id, loads / "out")
@@ -296,7 +299,7 @@ def test_altered_blob_is_refused_on_load(registry: Registry, tmp_path: Path) -> 
 
 def test_missing_blob_is_refused_on_load(registry: Registry, tmp_path: Path) -> None:
     v1 = registry.publish(state_files("1"), parent_id=None)
-    registry.objects.delete(v1.state_location + "manifest.json")
+    registry.objects.delete(v1.keys["manifest.json"])
     with pytest.raises(StateIntegrityError, match=r"'manifest.json' is missing"):
         registry.load_state(v1.id, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -363,8 +366,141 @@ def test_delete_rules(registry: Registry) -> None:
 
     registry.delete(v3.id)
     assert [v.id for v in registry.list()] == [v2.id, v1.id]
-    assert not any(k.startswith(v3.state_location) for k in blob_keys(registry.objects))
+    assert blob_keys(registry.objects) == version_keys(registry)
+    assert not set(v3.keys.values()) & blob_keys(registry.objects)
     # The deleted version's classes are free again.
     v4 = registry.publish(state_files("4"), parent_id=v2.id, new_classes=["owl"])
     assert registry.class_names(v4.id) == ["cat", "dog", "owl"]
     assert registry.collect_garbage() == []
+
+
+# --- content addressing: versions share the blobs that did not change -----------------
+
+
+def test_versions_share_unchanged_blobs(registry: Registry, tmp_path: Path) -> None:
+    task0, task1 = b"statistics of task 0" * 100, b"statistics of task 1" * 100
+    v1 = registry.publish(
+        {"manifest.json": b"m1", "memory/task-0": task0}, parent_id=None, activate=True
+    )
+    assert (v1.added_bytes, v1.size_bytes) == (2 + len(task0), 2 + len(task0))
+    state2 = {"manifest.json": b"m2", "memory/task-0": task0, "memory/task-1": task1}
+    v2 = registry.publish(state2, parent_id=v1.id)
+    assert v2.size_bytes == 2 + len(task0) + len(task1)
+    assert v2.added_bytes == 2 + len(task1)  # task 0's statistics are stored once
+    assert v2.keys["memory/task-0"] == v1.keys["memory/task-0"]
+    assert registry.get(v2.id) == v2
+    assert len(blob_keys(registry.objects)) == 4
+    out = registry.load_state(v2.id, tmp_path / "v2-again")
+    assert (out / "memory" / "task-0").read_bytes() == task0
+    assert (out / "memory" / "task-1").read_bytes() == task1
+
+    # The same state again adds nothing.
+    v3 = registry.publish(state2, parent_id=v2.id)
+    assert v3.added_bytes == 0 and v3.size_bytes == v2.size_bytes
+
+    # Deleting a version removes only the blobs no other version references.
+    registry.delete(v3.id)
+    registry.delete(v2.id)
+    assert blob_keys(registry.objects) == set(v1.keys.values())
+    assert registry.collect_garbage() == []
+    assert (registry.load_state(v1.id, tmp_path / "v1") / "memory" / "task-0").read_bytes() == task0
+
+
+def test_garbage_collector_keeps_shared_blobs_and_spares_recent_ones(registry: Registry) -> None:
+    shared = b"shared" * 50
+    v1 = registry.publish({"a": shared, "b": b"only v1"}, parent_id=None, activate=True)
+    v2 = registry.publish({"a": shared, "b": b"only v2"}, parent_id=None)
+    orphan = "blobs/" + "0" * 64  # as a crash between the upload and the commit leaves it
+    registry.objects.put_bytes(orphan, b"orphan")
+    assert registry.collect_garbage(grace_seconds=3600) == []
+    assert registry.collect_garbage(grace_seconds=0) == [orphan]
+    # A blob goes only once no version references it.
+    registry.activate(v2.id)
+    registry.delete(v1.id)
+    assert blob_keys(registry.objects) == set(v2.keys.values())
+    assert registry.collect_garbage() == []
+
+
+def test_a_reused_blob_collected_before_the_commit_is_stored_again(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Left by a deleted version: present when the publisher looks, gone (collected)
+    # before its transaction; the publisher notices under the lock and uploads it again.
+    key = "blobs/" + sha256_bytes(b"reused")
+    registry.objects.put_bytes(key, b"reused")
+    objects = registry.objects
+    real_exists = objects.exists
+    collected: list[str] = []
+
+    def exists_then_collected(k: str) -> bool:
+        found = real_exists(k)
+        if found and not collected:
+            collected.extend(registry.collect_garbage(grace_seconds=0))
+        return found
+
+    monkeypatch.setattr(objects, "exists", exists_then_collected)
+    v1 = registry.publish({"memory": b"reused", "manifest.json": b"m"}, parent_id=None)
+    assert key in collected
+    assert v1.added_bytes == len(b"reused") + 1
+    assert loaded(registry, v1.id, tmp_path / "v1") == {"manifest.json": b"m", "memory": b"reused"}
+
+
+def test_inference_part_fetches_only_inference_files(registry: Registry, tmp_path: Path) -> None:
+    memory = b"gaussian statistics" * 1000
+    manifest = {
+        "format_version": 2,
+        "files": {
+            "inference.safetensors": {"part": "inference"},
+            "memory/task-00000.safetensors": {"part": "training"},
+        },
+    }
+    state = {
+        "manifest.json": json.dumps(manifest).encode(),
+        "inference.safetensors": b"adapter and prototypes",
+        "memory/task-00000.safetensors": memory,
+    }
+    v1 = registry.publish(state, parent_id=None)
+    registry.objects.delete(v1.keys["memory/task-00000.safetensors"])
+    out = registry.load_state(v1.id, tmp_path / "replica", part="inference")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "inference.safetensors",
+        "manifest.json",
+    ]
+    with pytest.raises(StateIntegrityError, match="is missing"):
+        registry.load_state(v1.id, tmp_path / "worker", part="full")
+
+
+def test_versions_stored_before_content_addressing_still_work(
+    registry: Registry, db: Database, tmp_path: Path
+) -> None:
+    # What the previous publish wrote: files under the version's own prefix, no keys.
+    files = state_files("old")
+    location = "versions/0123abcd/"
+    for name, data in files.items():
+        registry.objects.put_bytes(location + name, data)
+    digests = {n: sha256_bytes(d) for n, d in files.items()}
+    entries = {n: {"sha256": digests[n], "size": len(d)} for n, d in files.items()}
+    with db.write() as session:
+        row = Version(
+            parent_id=None,
+            class_count=0,
+            metrics={},
+            state_location=location,
+            checksum=state_checksum(digests),
+            files=entries,
+        )
+        session.add(row)
+        session.flush()
+        old_id = row.id
+    old = registry.get(old_id)
+    assert old.added_bytes == old.size_bytes == sum(len(d) for d in files.values())
+    assert registry.collect_garbage() == []
+    assert loaded(registry, old_id, tmp_path / "old") == files
+
+    # A new version with the same manifest bytes stores them once, under blobs/.
+    new = registry.publish(files, parent_id=None, activate=True)
+    assert new.added_bytes == new.size_bytes  # nothing of it was content-addressed before
+    assert all(key.startswith("blobs/") for key in new.keys.values())
+    assert registry.collect_garbage() == []
+    registry.delete(old_id)
+    assert blob_keys(registry.objects) == set(new.keys.values())

@@ -77,11 +77,9 @@ def test_store_on_s3(s3_settings: StoreSettings, tmp_path: Path) -> None:
         assert isinstance(store.objects, S3ObjectStore)
         store.objects.ensure_bucket()
         version = store.registry.publish({"state.safetensors": b"w"}, parent_id=None)
-        assert {i.key for i in store.objects.list()} == {
-            version.state_location + "state.safetensors"
-        }
+        assert {i.key for i in store.objects.list()} == {version.keys["state.safetensors"]}
         raw = store.objects.client.list_objects_v2(Bucket=bucket)
-        assert all(item["Key"].startswith("env-a/versions/") for item in raw["Contents"])
+        assert all(item["Key"].startswith("env-a/blobs/") for item in raw["Contents"])
         path = store.registry.load_state(version.id, tmp_path / "state")
         assert (path / "state.safetensors").read_bytes() == b"w"
     finally:

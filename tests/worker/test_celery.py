@@ -114,9 +114,9 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_exactly_once(
     assert pg_store.registry.active() == versions[0]
     assert pg_store.registry.class_names(versions[0].id) == COLOUR_NAMES[:4]
     assert_grows([after.progress.percent, *progress[long.job.id]])
-    # Nothing half-written: one blob folder per version.
-    folders = {info.key.split("/")[1] for info in pg_store.objects.list("versions/")}
-    assert len(folders) == 2
+    # Nothing half-written: every blob belongs to a version.
+    stored = {info.key for info in pg_store.objects.list("blobs/")}
+    assert stored == {key for v in versions for key in v.keys.values()}
     assert "queued again" in replacement.log()
 
 

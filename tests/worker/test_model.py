@@ -44,11 +44,11 @@ def test_a_version_becomes_a_learner_only_with_the_classes_the_registry_lists(
     try:
         save_state(build_base_learner(settings), tmp_path / "state")
         empty = store.registry.publish(tmp_path / "state", parent_id=None, new_classes=())
-        learner = load_version(store.registry, empty.id, device="cpu", cache_dir=None)
+        learner = load_version(store.registry, empty.id, part="full", device="cpu", cache_dir=None)
         assert learner.class_names == []
         # A state published under classes it does not hold is refused.
         wrong = store.registry.publish(tmp_path / "state", parent_id=empty.id, new_classes=["owl"])
         with pytest.raises(VersionMismatchError, match=r"registry lists \['owl'\]"):
-            load_version(store.registry, wrong.id, device="cpu", cache_dir=None)
+            load_version(store.registry, wrong.id, part="full", device="cpu", cache_dir=None)
     finally:
         store.close()
