@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import ot
 import pytest
@@ -28,7 +29,7 @@ from dmc_core.sinkhorn import sinkhorn_log_blocks
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 
 # Small enough for two CPU cores; the defaults (m=128, 1000 iterations) only cost time.
-FAST_SINKHORN = {"samples_per_class": 64, "num_iter_max": 300}
+FAST_SINKHORN: dict[str, Any] = {"samples_per_class": 64, "num_iter_max": 300}
 
 
 @dataclass
