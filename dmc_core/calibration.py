@@ -250,6 +250,9 @@ class SinkhornCalibrator(Calibrator):
     memory_budget_mib: float = 256.0
     covariance_update: Literal["sample_difference", "linear_map", "none"] = "sample_difference"
     map_ridge: float = 0.1
+    # Eigenvalue floor of the moved covariances; None: the memory's eps (the former 1e-10
+    # floor made nearly singular covariances, useless for a Mahalanobis score).
+    min_eigenvalue: float | None = None
 
     def calibrate(
         self,
@@ -271,7 +274,7 @@ class SinkhornCalibrator(Calibrator):
         device, (n, d) = a.device, a.shape
         a_unit = F.normalize(a, dim=1)
         seeds = torch.randint(2**62, (len(classes),), generator=generator).tolist()
-        blocks, cache_costs, cache_samples = self._layout(len(classes), n, d)
+        blocks, kept_costs, keep_samples = self._layout(len(classes), n, d)
         sample_cache: dict[int, torch.Tensor] = {}
         cost_cache: dict[int, torch.Tensor] = {}
 
@@ -281,7 +284,7 @@ class SinkhornCalibrator(Calibrator):
             block = blocks[b]
             gens = [torch.Generator(device=device).manual_seed(seeds[i]) for i in block]
             x, _ = memory.sample_classes([classes[i] for i in block], m, gens, device)
-            if cache_samples:
+            if keep_samples:
                 sample_cache[b] = x
             return x
 
@@ -289,7 +292,7 @@ class SinkhornCalibrator(Calibrator):
             if b in cost_cache:
                 return cost_cache[b]
             cost = _unit_cost(samples(b).to(F64), a_unit)
-            if cache_costs:
+            if b < kept_costs:
                 cost_cache[b] = cost
             return cost
 
@@ -331,33 +334,40 @@ class SinkhornCalibrator(Calibrator):
                     moved = _linear_map_covariance(old_covs, x, dx, self.map_ridge)
                 else:
                     moved = old_covs + _sample_covariance(x + dx) - _sample_covariance(x)
-                new_covs = _nearest_psd(moved, memory.config.eps)
+                floor = self.min_eigenvalue
+                new_covs = _nearest_psd(moved, memory.config.eps if floor is None else floor)
             shift = _apply_block(memory, block_classes, means + dx.mean(dim=1), new_covs, old_covs)
             mean_shifts.append(shift[0])
             cov_shifts.append(shift[1])
         column_error = float((torch.exp(column_lse + pot.v) - 1.0 / n).abs().sum())
         return _report(self.name, classes, mean_shifts, cov_shifts, max(row_error, column_error))
 
-    def _layout(self, n_classes: int, n: int, d: int) -> tuple[list[range], bool, bool]:
-        """Blocks of classes, and whether costs and samples are cached, within the budget.
+    def _layout(self, n_classes: int, n: int, d: int) -> tuple[list[range], int, bool]:
+        """Blocks of classes, how many of the blocks keep their cost, and whether the
+        samples are kept, within the budget.
 
-        Counted in float64 words: per class of a block, its samples' cost rows with the
-        temporaries of a logsumexp (4 n m), samples and moves (4 d m), covariances (6 d^2);
-        fixed, A, D and the potentials; cached, 8 n m per class (cost and samples).
+        Counted in float64 words: fixed, A, D and the potentials; per class of the block
+        being worked on, its cost rows with the temporaries of a logsumexp (6 n m), samples
+        and moves (4 d m), covariances and their temporaries (12 d^2); per class kept,
+        its samples (float32, d m / 2) and its cost rows (n m). What is not kept is
+        recomputed at each iteration: the samples first, being the cheaper to keep.
         """
         m = self.samples_per_class
         budget = self.memory_budget_mib * MIB / 8
         fixed = 3 * n * d + 2 * (n_classes * m + n)
-        per_class = 4 * n * m + 4 * d * m + 6 * d * d
-        cached_cost, cached_sample = n * m, d * m / 2  # samples are float32
+        per_class = 6 * n * m + 4 * d * m + 12 * d * d
+        cost_words, sample_words = n * m, d * m / 2
         free = budget - fixed
-        if n_classes * (per_class + cached_cost + cached_sample) <= free:
-            return _class_blocks(n_classes, n_classes), True, True
+        if n_classes * (per_class + cost_words + sample_words) <= free:
+            return _class_blocks(n_classes, n_classes), 1, True
         per_block = max(1, int(free / 2 // per_class))
+        blocks = _class_blocks(n_classes, per_block)
         free -= per_block * per_class
-        if n_classes * (cached_cost + cached_sample) <= free:
-            return _class_blocks(n_classes, per_block), True, True
-        return _class_blocks(n_classes, per_block), False, n_classes * cached_sample <= free
+        keep_samples = n_classes * sample_words <= free
+        if keep_samples:
+            free -= n_classes * sample_words
+        kept_costs = max(0, int(free // (per_block * cost_words)))
+        return blocks, min(kept_costs, len(blocks)), keep_samples
 
 
 @register_calibrator("bures")

@@ -253,16 +253,23 @@ def test_blocked_sinkhorn_is_pots_sinkhorn_log() -> None:
     assert pot.iterations < 200  # converged and stopped like POT
 
 
-@pytest.mark.parametrize("update", ["sample_difference", "linear_map"])
-def test_sinkhorn_within_a_tiny_budget_equals_the_dense_solve(update: str) -> None:
+@pytest.mark.parametrize(
+    ("update", "budget_mib"),
+    [("sample_difference", 0.1), ("linear_map", 0.1), ("sample_difference", 0.75)],
+)
+def test_sinkhorn_within_a_tiny_budget_equals_the_dense_solve(
+    update: str, budget_mib: float
+) -> None:
     problem = _drift_problem(_nonlinear, n_old=5, per_class=20)
     kwargs = {"samples_per_class": 32, "num_iter_max": 100, "covariance_update": update}
     dense_calibrator = SinkhornCalibrator(**kwargs)  # type: ignore[arg-type]
-    tiny = SinkhornCalibrator(**kwargs, memory_budget_mib=0.1)  # type: ignore[arg-type]
+    tiny = SinkhornCalibrator(**kwargs, memory_budget_mib=budget_mib)  # type: ignore[arg-type]
     n, d = problem.new_x.shape
-    # the dense plan would not fit: several blocks, costs recomputed every iteration
-    blocks, cache_costs, cache_samples = tiny._layout(5, n, d)
-    assert len(blocks) > 1 and not cache_costs and not cache_samples
+    # the dense plan would not fit: several blocks; at 0.1 MiB costs and samples are
+    # recomputed every iteration, at 0.75 MiB they are kept
+    blocks, kept_costs, keep_samples = tiny._layout(5, n, d)
+    assert len(blocks) > 1
+    assert (kept_costs > 0 and keep_samples) if budget_mib > 0.5 else (kept_costs == 0)
     assert 5 * 32 * n * 8 > 0.1 * 2**20  # the dense K x n float64 plan alone
     dense_blocks, *_ = dense_calibrator._layout(5, n, d)
     assert len(dense_blocks) == 1
