@@ -56,7 +56,7 @@ def record(seed: int, n_tasks: int, loss_classes: str, cache_dir: str) -> dict[s
         learner.learn_task(task.images, labels, task.class_names)
         after = learner._encode_dataset(task.images, labels, quiet)
         print(f"task {t}: learned in {time.perf_counter() - timer:.0f} s", flush=True)
-        tasks.append({"before": before, "after": after, "labels": task.labels})
+        tasks.append({"before": before, "after": after, "labels": torch.as_tensor(task.labels)})
     seen = [c for t in range(len(tasks)) for c in plan.tasks[t]]
     test_split = runner.dataset.split(plan.eval_split)
     test_x: list[torch.Tensor] = []

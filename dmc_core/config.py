@@ -72,9 +72,10 @@ class CalibrationConfig:
     # Working memory of the calibration, whatever the number of classes and images: the
     # sample-level plan is solved in blocks of classes, recomputed when it does not fit.
     memory_budget_mib: float = 256.0
-    # How "sinkhorn" moves covariances: "sample_difference" (METHOD.md), "linear_map"
-    # (a ridge fit of the moves, A^T cov A) or "none" (means only).
-    covariance_update: str = "sample_difference"
+    # How "sinkhorn" moves covariances: "linear_map" (a ridge fit of the moves, A^T cov A),
+    # "sample_difference" (METHOD.md; degrades the covariances, see calibration.py) or
+    # "none" (means only).
+    covariance_update: str = "linear_map"
 
 
 @dataclass

@@ -349,3 +349,26 @@ def test_sinkhorn_runs_on_the_device_of_the_features() -> None:
     assert means.device.type == "cpu"  # the memory stays on the CPU
     # other random numbers on the GPU, the same calibration up to sampling noise
     assert (means - cpu_means).norm(dim=1).max() < 0.1 * (cpu_means.norm(dim=1).min())
+
+
+def test_sample_difference_breaks_small_directions_and_the_linear_map_does_not() -> None:
+    """The mechanism behind issue 20's 20% Mahalanobis: with fewer samples than
+    dimensions, cov + cov(x + dx) - cov(x) under a drift that turns a large direction
+    towards a small one goes negative; A^T cov A (fitted) stays positive definite."""
+    d, m = 32, 16
+    g = torch.Generator().manual_seed(0)
+    cov = torch.diag(torch.logspace(1, -2, d, dtype=torch.float64))
+    x = torch.randn(1, m, d, generator=g, dtype=torch.float64) @ cov.sqrt()
+    turn = torch.eye(d, dtype=torch.float64)
+    angle = torch.tensor(0.5, dtype=torch.float64)
+    turn[0, 0], turn[0, -1], turn[-1, 0], turn[-1, -1] = (
+        angle.cos(),
+        angle.sin(),
+        -angle.sin(),
+        angle.cos(),
+    )
+    dx = (x - x.mean(dim=1, keepdim=True)) @ (turn - torch.eye(d, dtype=torch.float64))
+    difference = cov + _sample_covariance(x + dx)[0] - _sample_covariance(x)[0]
+    fitted = _linear_map_covariance(cov[None], x, dx, ridge=1e-6)[0]
+    assert torch.linalg.eigvalsh(difference).min() < 0
+    assert torch.linalg.eigvalsh(fitted).min() > 0
