@@ -6,7 +6,8 @@ torch within `memory_budget_mib`). Each runs in its own process on the same synt
 memory (old classes with random covariances, d = 384 as the stand-in's) and the same new
 images with a smooth drift, for a fixed number of Sinkhorn iterations (stopping disabled,
 so the two do the same work). Peak memory is the growth of the process's peak resident
-set during `calibrate` (CPU) or torch's peak allocation (CUDA). Also prints the bytes per
+set during `calibrate` (CPU; glibc's mmap threshold fixed, see `_child`) or torch's peak
+allocation (CUDA). Also prints the bytes per
 class of the memory: former float64 full, float32 full (Cholesky), low-rank.
 
     python bench/calibration_memory.py [--classes 200] [--images 2000] [--iterations 20]
@@ -116,7 +117,9 @@ def _child(args: argparse.Namespace, run: str) -> dict[str, float]:
         *("--iterations", str(args.iterations), "--threads", str(args.threads)),
         *("--device", args.device, "--budget-mib", str(args.budget_mib)),
     ]
-    env = dict(os.environ)
+    # Large blocks straight from mmap, so that the resident set follows live memory
+    # (glibc otherwise keeps freed blocks of up to 32 MiB in its heap).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     if run == "before":
         folder = Path(tempfile.mkdtemp()) / "dmc_core"
         folder.mkdir()

@@ -9,7 +9,9 @@ the test images under the final encoder:
 
 - Mahalanobis with the memory's means and covariances, and cosine to its means;
 - the same with statistics recomputed from the train images under the final encoder
-  (what a perfect calibration would give) and with the uncalibrated statistics.
+  (what a perfect calibration would give) and with the uncalibrated statistics;
+
+for METHOD's shrinkage ("below_dim"), Ledoit-Wolf's, and a low-rank-plus-diagonal memory.
 
     python bench/memory_classifier.py [--seed 1993] [--tasks 5] [--record FILE]
 
@@ -23,7 +25,7 @@ import dataclasses
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=5)
     parser.add_argument("--loss-classes", default="task", choices=["task", "seen"])
     parser.add_argument("--record", type=Path, help="features file: reused if it exists")
+    parser.add_argument("--rank", type=int, default=64, help="of the low-rank memory rows")
     parser.add_argument("--models", default=".cache/models", help="the stand-in's cache folder")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -128,9 +131,11 @@ def main() -> None:
     variants: dict[str, Any] = {
         "uncalibrated": None,
         "sinkhorn, sample difference, floor 1e-10 (before)": get_calibrator(
-            "sinkhorn", **sinkhorn, min_eigenvalue=1e-10
+            "sinkhorn", **sinkhorn, covariance_update="sample_difference", min_eigenvalue=1e-10
         ),
-        "sinkhorn, sample difference, floor eps": get_calibrator("sinkhorn", **sinkhorn),
+        "sinkhorn, sample difference, floor eps": get_calibrator(
+            "sinkhorn", **sinkhorn, covariance_update="sample_difference"
+        ),
         "sinkhorn, linear map": get_calibrator(
             "sinkhorn", **sinkhorn, covariance_update="linear_map"
         ),
@@ -138,10 +143,13 @@ def main() -> None:
         "bures": get_calibrator("bures"),
     }
     print(f"{len(test_y)} test images, {int(test_y.max()) + 1} classes, d={test_x.shape[1]}")
-    print(f"{'shrinkage':<12} {'statistics':<52} {'mahalanobis':>11} {'cosine':>7}")
-    shrinkages: tuple[Literal["below_dim", "ledoit_wolf"], ...] = ("below_dim", "ledoit_wolf")
-    for shrinkage in shrinkages:
-        config = MemoryConfig(shrinkage=shrinkage)
+    print(f"{'memory':<12} {'statistics':<52} {'mahalanobis':>11} {'cosine':>7}")
+    configs = {
+        "below_dim": MemoryConfig(shrinkage="below_dim"),
+        "ledoit_wolf": MemoryConfig(shrinkage="ledoit_wolf"),
+        f"lw, rank {args.rank}": MemoryConfig(covariance="low_rank", rank=args.rank),
+    }
+    for shrinkage, config in configs.items():
         recomputed = GaussianMemory(config)
         for c in range(int(train_y.max()) + 1):
             recomputed.add_class(c, train_x[train_y == c])

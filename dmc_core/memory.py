@@ -231,11 +231,13 @@ class GaussianMemory:
         if covariances is not None:
             factors, diagonals = self._factorise(covariances, list(class_indices))
         for i, s in enumerate(stats):
+            # In place: a calibration rewriting every class then needs no second memory.
             if means is not None:
-                s.mean = means[i].detach().to("cpu", STORE_DTYPE).clone()
+                s.mean.copy_(means[i].detach())
             if factors is not None:
-                s.factor = factors[i]
-                s.diagonal = None if diagonals is None else diagonals[i]
+                s.factor.copy_(factors[i])
+                if s.diagonal is not None and diagonals is not None:
+                    s.diagonal.copy_(diagonals[i])
 
     def _factorise(
         self, covariances: torch.Tensor, class_indices: list[int]
@@ -440,10 +442,18 @@ def _state_covariances(state: dict[str, torch.Tensor], d: int) -> torch.Tensor:
 
 
 def _low_rank(cov: torch.Tensor, rank: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """F [k, d, r] from the top eigenpairs and psi [k, d] >= eps keeping diag(cov)."""
-    r = min(rank, cov.shape[-1])
+    """F [k, d, r] and psi [k, d] >= eps with diag(F F^T + psi) = diag(cov).
+
+    As probabilistic PCA: F spans the top r eigenvectors with eigenvalues less the mean
+    sigma^2 of the others, which psi carries. (Taking the top eigenvalues whole would
+    take sigma^2 out of psi along r of the d directions and shrink the rest of the
+    spectrum a little at every refit, e.g. at every calibration.)
+    """
+    d = cov.shape[-1]
+    r = min(rank, d)
     vals, vecs = torch.linalg.eigh(cov)
-    top_vals, top_vecs = vals[:, -r:].clamp_min(0.0), vecs[:, :, -r:]
+    rest = vals[:, : d - r].mean(dim=1, keepdim=True) if r < d else torch.zeros_like(vals[:, :1])
+    top_vals, top_vecs = (vals[:, -r:] - rest).clamp_min(0.0), vecs[:, :, -r:]
     factors = top_vecs * top_vals.sqrt()[:, None, :]
     residual = torch.diagonal(cov, dim1=1, dim2=2) - (factors**2).sum(dim=-1)
     return factors, residual.clamp_min(eps)
