@@ -279,7 +279,9 @@ class SinkhornCalibrator(Calibrator):
             raise ValueError(f"unknown covariance_update {self.covariance_update!r}")
         device, (n, d) = a.device, a.shape
         a_unit = F.normalize(a, dim=1)
-        seeds = torch.randint(2**62, (len(classes),), generator=generator).tolist()
+        seeds = torch.randint(
+            2**62, (len(classes),), generator=generator, device=generator.device
+        ).tolist()
         blocks, kept_costs, keep_samples = self._layout(len(classes), n, d)
         sample_cache: dict[int, torch.Tensor] = {}
         cost_cache: dict[int, torch.Tensor] = {}
