@@ -69,6 +69,13 @@ class CalibrationConfig:
     method: str = "sinkhorn"
     samples_per_class: int = 128
     reg: float = 0.05
+    # Working memory of the calibration, whatever the number of classes and images: the
+    # sample-level plan is solved in blocks of classes, recomputed when it does not fit.
+    memory_budget_mib: float = 256.0
+    # How "sinkhorn" moves covariances: "linear_map" (a ridge fit of the moves, A^T cov A),
+    # "sample_difference" (METHOD.md; degrades the covariances, see calibration.py) or
+    # "none" (means only).
+    covariance_update: str = "linear_map"
 
 
 @dataclass
