@@ -273,7 +273,8 @@ def main() -> None:
             latency = predict_p50(replica, probe, args.predict_repeats)
             del replica
 
-            row = {
+            state_bytes = sum(files.values())
+            row: dict[str, Any] = {
                 "task": task,
                 "classes": len(learner.class_names),
                 "update_seconds": update_seconds,
@@ -282,7 +283,7 @@ def main() -> None:
                 "train_accuracy": report.train_accuracy,
                 "peak_rss_bytes": peak_rss_bytes(),
                 "files": files,
-                "state_bytes": sum(files.values()),
+                "state_bytes": state_bytes,
                 "inference_bytes": inference_bytes(files),
                 "load_seconds": load_seconds,
                 "predict_p50_seconds": latency,
@@ -291,9 +292,9 @@ def main() -> None:
             phases = " ".join(f"{k}={v:.2f}" for k, v in report.seconds.items())
             tqdm.write(
                 f"classes {row['classes']:5d}  update {update_seconds:7.2f}s ({phases})  "
-                f"peak RSS {row['peak_rss_bytes'] / 2**20:7.1f} MiB  "
-                f"state {row['state_bytes'] / 2**20:8.2f} MiB "
-                f"(inference {row['inference_bytes'] / 2**20:.2f})  load {load_seconds:.2f}s  "
+                f"peak RSS {peak_rss_bytes() / 2**20:7.1f} MiB  "
+                f"state {state_bytes / 2**20:8.2f} MiB "
+                f"(inference {inference_bytes(files) / 2**20:.2f})  load {load_seconds:.2f}s  "
                 f"predict p50 {latency * 1e3:.1f} ms"
             )
             run["fit"] = fit_exponent(run["tasks"], args.fit_from)
