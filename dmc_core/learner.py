@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmc_core.adapters import attach_adapter, merge_adapter, trainable_parameters
 from dmc_core.backbone import Backbone
 from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
-from dmc_core.config import LearnerConfig
+from dmc_core.config import LearnerConfig, Stage2Config
 from dmc_core.memory import GaussianMemory
 from dmc_core.prompts import PromptLearner
 from dmc_core.text import text_tower_for
@@ -370,8 +370,9 @@ class Learner:
             return None
         first_new = int(global_labels.min())
         old_classes = [c for c in self.memory.class_indices if c < first_new]
-        n_replay = cfg.samples_per_old_class if old_classes else 0
-        n_per_epoch = len(new_features) + n_replay * len(old_classes)
+        new_counts = torch.bincount(global_labels - first_new).tolist()
+        n_replay = replay_total(cfg, len(old_classes), new_counts)
+        n_per_epoch = len(new_features) + n_replay
         steps_per_epoch = math.ceil(n_per_epoch / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         params = self.prompts.trainable_parameters(self.config.prompts.train_old_task_tokens)
@@ -379,33 +380,66 @@ class Learner:
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         scheduler = _cosine_schedule(optimizer, total)
-        step, loss_sum = 0, 0.0
+        new_x = F.normalize(new_features.to(self.device).float(), dim=-1)
+        new_y = global_labels.to(self.device)
+        step = 0
+        loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.epochs):
-            features, labels = new_features, global_labels
+            # The epoch's pool and order go to the device once: no host-device traffic,
+            # and no sync, inside the steps.
+            x, y = new_x, new_y
+            counts = replay_counts(cfg, len(old_classes), new_counts, generator)
             if n_replay:
-                replay = [self.memory.sample(c, n_replay, generator) for c in old_classes]
-                features = torch.cat([features, torch.cat(replay).float()])
-                labels = torch.cat([labels, torch.tensor(old_classes).repeat_interleave(n_replay)])
-            order = torch.randperm(len(features), generator=generator)
-            loss_sum = 0.0
+                replay = [
+                    self.memory.sample(c, n, generator)
+                    for c, n in zip(old_classes, counts.tolist(), strict=True)
+                    if n
+                ]
+                replay_x = F.normalize(torch.cat(replay).to(self.device).float(), dim=-1)
+                replay_y = torch.tensor(old_classes).repeat_interleave(counts).to(self.device)
+                x, y = torch.cat([x, replay_x]), torch.cat([y, replay_y])
+            order = torch.randperm(len(x), generator=generator).to(self.device)
+            loss_sum.zero_()
             for batch in order.split(cfg.batch_size):
-                x = F.normalize(features[batch].to(self.device), dim=-1)
-                y = labels[batch].to(self.device)
                 with self._autocast():
                     prototypes = F.normalize(self.prompts().float(), dim=-1)
-                logits = self.logit_scale * x @ prototypes.T
-                loss = F.cross_entropy(logits, y)
+                logits = self.logit_scale * x[batch] @ prototypes.T
+                loss = F.cross_entropy(logits, y[batch])
                 _optimise(optimizer, scheduler, loss)
                 step += 1
-                loss_sum += loss.item() * len(y)
+                loss_sum += loss.detach() * len(batch)
                 progress("stage2", step, total)
-        return loss_sum / n_per_epoch
+        return float(loss_sum) / n_per_epoch
 
     def _feature_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         with torch.inference_mode():
             x = F.normalize(features.to(self.device), dim=-1)
             predicted = (x @ self.text_prototypes().T).argmax(dim=-1).cpu()
         return float((predicted == labels).float().mean())
+
+
+def replay_total(cfg: Stage2Config, n_old: int, new_counts: Sequence[int]) -> int:
+    """Gaussian replay samples per stage-2 epoch, over all old classes (Stage2Config)."""
+    if n_old == 0 or cfg.samples_per_old_class <= 0:
+        return 0
+    if cfg.replay == "per_class":
+        return cfg.samples_per_old_class * n_old
+    n_new = sum(new_counts)
+    per_class = min(cfg.samples_per_old_class, math.ceil(n_new / len(new_counts)))
+    return min(per_class * n_old, math.floor(cfg.replay_ratio * n_new))
+
+
+def replay_counts(
+    cfg: Stage2Config, n_old: int, new_counts: Sequence[int], generator: torch.Generator
+) -> torch.Tensor:
+    """Gaussian samples per old class for one stage-2 epoch: [n_old], summing to
+    `replay_total`, equal or (when the budget binds) differing by one."""
+    total = replay_total(cfg, n_old, new_counts)
+    counts = torch.full((n_old,), total // max(n_old, 1), dtype=torch.long)
+    remainder = total - int(counts.sum())
+    if remainder:
+        counts[torch.randperm(n_old, generator=generator)[:remainder]] += 1
+    return counts
 
 
 def _make_calibrator(config: LearnerConfig) -> Calibrator:
