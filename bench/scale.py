@@ -120,15 +120,22 @@ def predict_p50(learner: Learner, image: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _slope(points: list[tuple[float, float]]) -> tuple[float, float]:
+    slope, intercept = np.polyfit(np.log([p[0] for p in points]), np.log([p[1] for p in points]), 1)
+    return float(slope), float(intercept)
+
+
 def fit_exponent(tasks: list[dict[str, Any]], from_classes: int) -> dict[str, Any]:
-    points = [(t["classes"], t["update_seconds"]) for t in tasks if t["classes"] >= from_classes]
-    fit: dict[str, Any] = {"from_classes": from_classes, "points": len(points), "exponent": None}
-    if len(points) >= 2:
-        x = np.log([p[0] for p in points])
-        y = np.log([p[1] for p in points])
-        slope, intercept = np.polyfit(x, y, 1)
-        fit.update(exponent=float(slope), log_intercept=float(intercept))
-        fit["to_classes"] = points[-1][0]
+    """Least squares of log(update seconds) on log(classes learned), and per phase."""
+    rows = [t for t in tasks if t["classes"] >= from_classes]
+    fit: dict[str, Any] = {"from_classes": from_classes, "points": len(rows), "exponent": None}
+    if len(rows) >= 2:
+        exponent, intercept = _slope([(t["classes"], t["update_seconds"]) for t in rows])
+        fit.update(exponent=exponent, log_intercept=intercept, to_classes=rows[-1]["classes"])
+        fit["phase_exponents"] = {
+            phase: _slope([(t["classes"], max(t["seconds"][phase], 1e-6)) for t in rows])[0]
+            for phase in rows[0]["seconds"]
+        }
     return fit
 
 
@@ -302,9 +309,11 @@ def main() -> None:
 
     fit = run["fit"]
     if fit["exponent"] is not None:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in fit["phase_exponents"].items())
         print(
             f"update time ~ classes^{fit['exponent']:.2f} "
-            f"({fit['from_classes']} to {fit['to_classes']} classes, {fit['points']} tasks)"
+            f"({fit['from_classes']} to {fit['to_classes']} classes, {fit['points']} tasks; "
+            f"per phase: {phases})"
         )
     else:
         print(f"too few tasks from {args.fit_from} classes on to fit an exponent")
