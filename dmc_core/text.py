@@ -58,7 +58,8 @@ class RealLength:
         ):
             return self._length
         positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
-        self._length = max(int(((token_ids != self.pad_id) * positions).amax()), 1)
+        real = (token_ids != self.pad_id) * positions
+        self._length = max(int(real.amax()), 1) if real.numel() else token_ids.shape[1]
         self._ids, self._version = weakref.ref(token_ids), token_ids._version
         return self._length
 

@@ -27,6 +27,7 @@ class _Calls:
         self.stage2_steps: list[tuple[int, int]] = []
         self.text_passes = 0
         self.samples: dict[int, int] = {}
+        self.context = torch.empty(0)
 
 
 def _learn_after_old_classes(backbone: Backbone, n_old: int, **overrides: Any) -> _Calls:
@@ -69,6 +70,7 @@ def _learn_after_old_classes(backbone: Backbone, n_old: int, **overrides: Any) -
 
     images, labels = colour_images([0, 1], NEW_IMAGES_PER_CLASS, seed=0)
     learner.learn_task(images, labels, ["red", "green"], progress=progress)
+    calls.context = learner.prompts.ctx.detach().clone()
     return calls
 
 
@@ -122,3 +124,19 @@ def test_bounded_counts_spread_evenly_and_vary_by_epoch() -> None:
     # Under the budget: each old class weighs like a new class (ceil of the mean count).
     assert replay_counts(Stage2Config(), 5, [10, 13], generator).tolist() == [12] * 5
     assert int(replay_counts(Stage2Config(samples_per_old_class=0), 5, [8], generator).sum()) == 0
+
+
+def test_bounded_schedule_is_method_md_until_its_budget_binds(
+    backbone_factory: Callable[[str], Backbone],
+) -> None:
+    """With N_s = the images per new class and few old classes, both train the same."""
+    settings = {"stage2.samples_per_old_class": NEW_IMAGES_PER_CLASS}
+    bounded = _learn_after_old_classes(backbone_factory("dmc-tiny-vit"), 3, **settings)
+    method = _learn_after_old_classes(
+        backbone_factory("dmc-tiny-vit"), 3, **settings, **{"stage2.replay": "per_class"}
+    )
+    assert bounded.samples == method.samples
+    assert not torch.equal(
+        bounded.context, _learn_after_old_classes(backbone_factory("dmc-tiny-vit"), 0).context
+    )
+    torch.testing.assert_close(bounded.context, method.context, atol=0, rtol=0)

@@ -59,3 +59,4 @@ def test_real_length_is_the_longest_row_and_follows_changes() -> None:
     assert length(ids) == 5
     assert length(ids[:, :2].clone()) == 2
     assert length(torch.zeros(2, 6, dtype=torch.long)) == 1
+    assert length(torch.zeros(0, 6, dtype=torch.long)) == 6
