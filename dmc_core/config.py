@@ -54,21 +54,20 @@ class Stage2Config:
     """Prompt learning with the vision side frozen.
 
     Every epoch trains on all real features of the new classes (once each) and on Gaussian
-    samples of the old classes, shuffled together; each step runs the text tower over every
-    seen class's prompt (the softmax is over all seen classes). How many samples each old
-    class gets per epoch is `replay`:
+    samples of the old classes; each step runs the text tower over every seen class's
+    prompt (the softmax is over all seen classes). `replay` says how many samples each old
+    class gets per epoch, and how the epoch is cut into steps:
 
-    - "per_class": METHOD.md's schedule, N_s = `samples_per_old_class` per old class. The
-      steps per epoch grow with the old classes and each step with all classes, so one task
-      costs O(classes^2).
+    - "per_class": METHOD.md's schedule, N_s = `samples_per_old_class` per old class, all
+      shuffled into one pool cut into batches of `batch_size`. Its steps per epoch grow
+      with the old classes and each step with all classes: one task costs O(classes^2).
     - "bounded" (default): per old class as many samples as a new class has images on
       average (at most N_s), so real and replayed classes weigh the same; but in all at
       most `replay_ratio` x the new task's images, spread evenly over the old classes (a
-      fresh random choice each epoch of those that get one more). Steps per epoch are then
-      at most ceil((1 + replay_ratio) x new images / batch_size) whatever the number of old
-      classes, so one task costs O(classes). Until the budget binds (old classes <=
-      replay_ratio x new classes, when N_s is at least the images per new class) the
-      schedule is METHOD.md's with N_s = the new classes' mean image count.
+      fresh random choice each epoch of those that get one more). The steps per epoch are
+      ceil(new images / batch_size), as for a first task, whatever the number of old
+      classes; each step's batch holds its share of the new images and of the replay (so
+      up to (1 + replay_ratio) x batch_size samples). One task costs O(classes).
     """
 
     epochs: int = 10

@@ -373,7 +373,10 @@ class Learner:
         new_counts = torch.bincount(global_labels - first_new).tolist()
         n_replay = replay_total(cfg, len(old_classes), new_counts)
         n_per_epoch = len(new_features) + n_replay
-        steps_per_epoch = math.ceil(n_per_epoch / cfg.batch_size)
+        # Each step runs the text tower over every class: "bounded" takes its number of
+        # steps from the new data alone, and each step's batch carries its share of replay.
+        per_step = len(new_features) if cfg.replay == "bounded" else n_per_epoch
+        steps_per_epoch = math.ceil(per_step / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         params = self.prompts.trainable_parameters(self.config.prompts.train_old_task_tokens)
         optimizer = torch.optim.SGD(
@@ -398,9 +401,9 @@ class Learner:
                 replay_x = F.normalize(torch.cat(replay).to(self.device).float(), dim=-1)
                 replay_y = torch.tensor(old_classes).repeat_interleave(counts).to(self.device)
                 x, y = torch.cat([x, replay_x]), torch.cat([y, replay_y])
-            order = torch.randperm(len(x), generator=generator).to(self.device)
+            order, sizes = stage2_batches(cfg, len(new_x), n_replay, steps_per_epoch, generator)
             loss_sum.zero_()
-            for batch in order.split(cfg.batch_size):
+            for batch in order.to(self.device).split(sizes):
                 with self._autocast():
                     prototypes = F.normalize(self.prompts().float(), dim=-1)
                 logits = self.logit_scale * x[batch] @ prototypes.T
@@ -416,6 +419,23 @@ class Learner:
             x = F.normalize(features.to(self.device), dim=-1)
             predicted = (x @ self.text_prototypes().T).argmax(dim=-1).cpu()
         return float((predicted == labels).float().mean())
+
+
+def stage2_batches(
+    cfg: Stage2Config, n_new: int, n_replay: int, steps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[int]]:
+    """One epoch's order over [new features, replay samples] and its batch sizes.
+
+    "per_class" (METHOD.md): one shuffled pool in batches of `batch_size`. "bounded":
+    `steps` batches, each with an even share of the shuffled new features and of the
+    shuffled replay samples."""
+    if cfg.replay == "per_class":
+        order = torch.randperm(n_new + n_replay, generator=generator)
+        return order, [len(b) for b in order.split(cfg.batch_size)]
+    new = torch.randperm(n_new, generator=generator).tensor_split(steps)
+    replay = (torch.randperm(n_replay, generator=generator) + n_new).tensor_split(steps)
+    batches = [torch.cat(pair) for pair in zip(new, replay, strict=True)]
+    return torch.cat(batches), [len(b) for b in batches]
 
 
 def replay_total(cfg: Stage2Config, n_old: int, new_counts: Sequence[int]) -> int:
