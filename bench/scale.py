@@ -11,18 +11,20 @@ the shape's position and size and Gaussian pixel noise. They measure cost, not a
 
 After each task it prints and records: classes learned, seconds per phase (the learner's
 TaskReport) and the whole update, peak resident memory of this process, the bytes of every
-file `save_state` writes (and their total), the bytes of the inference part (files whose
-name does not say `memory` or `train`: the whole state while it is one file), the time of
-a fresh `load_state` of the saved folder (a replica loading a version, backbone included),
-and the p50 predict latency of that loaded learner at the current class count (one image
-per call, merged adapter, as the server does). At the end it fits the exponent of update
-time against learned classes (least squares on log-log, classes from `--fit-from` on) and
-writes `results.json` (`tasks`, `fit`), `time.png` and `bytes.png` into `--out`.
+file `save_state` writes (and their total), the bytes of the inference part (the manifest
+and the files it marks `inference`; the whole state where the state has no parts), the
+time of a fresh `load_state` of the saved folder as a replica does it (the inference part
+where there is one, backbone included), and the p50 predict latency of that loaded learner
+at the current class count (one image per call, merged adapter, as the server does). At
+the end it fits the exponent of update time against learned classes (least squares on
+log-log, classes from `--fit-from` on) and writes `results.json` (`tasks`, `fit`),
+`time.png` and `bytes.png` into `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -47,7 +49,6 @@ from dmc_core.learner import Learner
 from dmc_core.state import load_state, save_state
 
 SHAPES = ("disc", "square", "triangle", "hstripes", "vstripes", "dstripes")
-TRAINING_PART_WORDS = ("memory", "train")
 
 
 def class_colours(c: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -98,15 +99,30 @@ def peak_rss_bytes() -> int:
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    """Bytes of every file of a saved state, by path relative to the folder."""
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
-def inference_bytes(files: dict[str, int]) -> int:
-    return sum(
-        size
-        for name, size in files.items()
-        if not any(word in name.lower() for word in TRAINING_PART_WORDS)
-    )
+def inference_bytes(folder: Path, files: dict[str, int]) -> int:
+    """Bytes a serving replica reads: the manifest and the files it marks as the inference
+    part; a state without such marks is read whole."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = manifest.get("files")
+    if not isinstance(parts, dict):
+        return sum(files.values())
+    wanted = {"manifest.json"} | {n for n, f in parts.items() if f.get("part") == "inference"}
+    return sum(size for name, size in files.items() if name in wanted)
+
+
+def load_replica(folder: Path, device: str, cache_dir: Path) -> Learner:
+    """Load a state as a serving replica does: the inference part where states have one."""
+    if "part" in inspect.signature(load_state).parameters:
+        return load_state(folder, part="inference", device=device, cache_dir=cache_dir)  # type: ignore[call-arg,unused-ignore]
+    return load_state(folder, device=device, cache_dir=cache_dir)
 
 
 def predict_p50(learner: Learner, image: Any, repeats: int) -> float:
@@ -274,13 +290,14 @@ def main() -> None:
             save_state(learner, state_dir)
             files = file_sizes(state_dir)
             start = time.perf_counter()
-            replica = load_state(state_dir, device=args.device, cache_dir=args.cache_dir)
+            replica = load_replica(state_dir, args.device, args.cache_dir)
             load_seconds = time.perf_counter() - start
             replica.merge_for_inference()
             latency = predict_p50(replica, probe, args.predict_repeats)
             del replica
 
             state_bytes = sum(files.values())
+            replica_bytes = inference_bytes(state_dir, files)
             row: dict[str, Any] = {
                 "task": task,
                 "classes": len(learner.class_names),
@@ -291,7 +308,7 @@ def main() -> None:
                 "peak_rss_bytes": peak_rss_bytes(),
                 "files": files,
                 "state_bytes": state_bytes,
-                "inference_bytes": inference_bytes(files),
+                "inference_bytes": replica_bytes,
                 "load_seconds": load_seconds,
                 "predict_p50_seconds": latency,
             }
@@ -301,7 +318,7 @@ def main() -> None:
                 f"classes {row['classes']:5d}  update {update_seconds:7.2f}s ({phases})  "
                 f"peak RSS {peak_rss_bytes() / 2**20:7.1f} MiB  "
                 f"state {state_bytes / 2**20:8.2f} MiB "
-                f"(inference {inference_bytes(files) / 2**20:.2f})  load {load_seconds:.2f}s  "
+                f"(inference {replica_bytes / 2**20:.2f})  load {load_seconds:.2f}s  "
                 f"predict p50 {latency * 1e3:.1f} ms"
             )
             run["fit"] = fit_exponent(run["tasks"], args.fit_from)
