@@ -173,17 +173,27 @@ def plot(tasks: list[dict[str, Any]], out: Path, title: str) -> None:
     fig.savefig(out / "time.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     mib = 1024**2
-    ax.plot(classes, [t["state_bytes"] / mib for t in tasks], "k-o", ms=3, label="saved state")
-    ax.plot(classes, [t["inference_bytes"] / mib for t in tasks], "-", label="inference part")
-    ax.plot(classes, [t["peak_rss_bytes"] / mib for t in tasks], "--", label="peak RSS")
-    ax.set(xlabel="classes learned", ylabel="MiB", title=title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left.plot(classes, [t["state_bytes"] / mib for t in tasks], "k-o", ms=3, label="saved state")
+    left.plot(classes, [t["inference_bytes"] / mib for t in tasks], "-", label="inference part")
+    left.set(xlabel="classes learned", ylabel="MiB", title="bytes of the saved state")
+    right.plot(classes, [t["peak_rss_bytes"] / mib for t in tasks], "--", label="peak RSS")
+    right.set(xlabel="classes learned", ylabel="MiB", title="peak resident memory")
+    for ax in (left, right):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out / "bytes.png", dpi=120)
     plt.close(fig)
+
+
+def plot_title(run: dict[str, Any]) -> str:
+    return (
+        f"{run['model']['name']}, {run['config']['method']}, {run['classes_per_task']} classes "
+        f"x {run['images_per_class']} images per task"
+    )
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -233,7 +243,14 @@ def main() -> None:
         default=Path(os.environ.get("DMC_TEST_CACHE", "~/.cache/dmc")).expanduser(),
     )
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the plots of --out/results.json"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(saved["tasks"], args.out, plot_title(saved))
+        return
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
