@@ -51,7 +51,24 @@ class Stage1Config:
 
 @dataclass
 class Stage2Config:
-    """Prompt learning with the vision side frozen."""
+    """Prompt learning with the vision side frozen.
+
+    Every epoch trains on all real features of the new classes (once each) and on Gaussian
+    samples of the old classes; each step runs the text tower over every seen class's
+    prompt (the softmax is over all seen classes). `replay` says how many samples each old
+    class gets per epoch, and how the epoch is cut into steps:
+
+    - "per_class": METHOD.md's schedule, N_s = `samples_per_old_class` per old class, all
+      shuffled into one pool cut into batches of `batch_size`. Its steps per epoch grow
+      with the old classes and each step with all classes: one task costs O(classes^2).
+    - "bounded" (default): per old class as many samples as a new class has images on
+      average (at most N_s), so real and replayed classes weigh the same; but in all at
+      most `replay_ratio` x the new task's images, spread evenly over the old classes (a
+      fresh random choice each epoch of those that get one more). The steps per epoch are
+      ceil(new images / batch_size), as for a first task, whatever the number of old
+      classes; each step's batch holds its share of the new images and of the replay (so
+      up to (1 + replay_ratio) x batch_size samples). One task costs O(classes).
+    """
 
     epochs: int = 10
     batch_size: int = 256
@@ -60,6 +77,9 @@ class Stage2Config:
     weight_decay: float = 0.0
     # N_s Gaussian samples per old class per epoch; 0 trains on new data only (no replay).
     samples_per_old_class: int = 256
+    replay: Literal["per_class", "bounded"] = "bounded"
+    # "bounded": replay samples per epoch at most this many times the new task's images.
+    replay_ratio: float = 4.0
 
 
 @dataclass

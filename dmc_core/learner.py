@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from dmc_core.adapters import attach_adapter, merge_adapter, trainable_parameters
 from dmc_core.backbone import Backbone
 from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
-from dmc_core.config import LearnerConfig
+from dmc_core.config import LearnerConfig, Stage2Config
 from dmc_core.errors import DmcError
 from dmc_core.memory import GaussianMemory
 from dmc_core.prompts import PromptLearner
@@ -247,7 +247,11 @@ class Learner:
         new_features = self._encode_dataset(images, labels, progress)
         if old_features is not None:
             calibration = _make_calibrator(self.config).calibrate(
-                self.memory, old_features, new_features, local_labels, generator
+                self.memory,
+                old_features.to(self.device),
+                new_features.to(self.device),
+                local_labels,
+                generator,
             )
             report.calibration = _report_calibration(calibration)
         for i in range(len(class_names)):
@@ -387,42 +391,103 @@ class Learner:
             return None
         first_new = int(global_labels.min())
         old_classes = [c for c in self.memory.class_indices if c < first_new]
-        n_replay = cfg.samples_per_old_class if old_classes else 0
-        n_per_epoch = len(new_features) + n_replay * len(old_classes)
-        steps_per_epoch = math.ceil(n_per_epoch / cfg.batch_size)
+        new_counts = torch.bincount(global_labels - first_new).tolist()
+        n_replay = replay_total(cfg, len(old_classes), new_counts)
+        n_per_epoch = len(new_features) + n_replay
+        # Each step runs the text tower over every class: "bounded" takes its number of
+        # steps from the new data alone, and each step's batch carries its share of replay.
+        per_step = len(new_features) if cfg.replay == "bounded" else n_per_epoch
+        steps_per_epoch = math.ceil(per_step / cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         params = self.prompts.trainable_parameters(self.config.prompts.train_old_task_tokens)
         optimizer = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         scheduler = _cosine_schedule(optimizer, total)
-        step, loss_sum = 0, 0.0
+        new_x = F.normalize(new_features.to(self.device).float(), dim=-1)
+        new_y = global_labels.to(self.device)
+        step = 0
+        loss_sum = torch.zeros((), device=self.device)
         for _ in range(cfg.epochs):
-            features, labels = new_features, global_labels
+            # The epoch's pool and order go to the device once: no host-device traffic,
+            # and no sync, inside the steps.
+            x, y = new_x, new_y
+            counts = replay_counts(cfg, len(old_classes), new_counts, generator)
             if n_replay:
-                replay = [self.memory.sample(c, n_replay, generator) for c in old_classes]
-                features = torch.cat([features, torch.cat(replay).float()])
-                labels = torch.cat([labels, torch.tensor(old_classes).repeat_interleave(n_replay)])
-            order = torch.randperm(len(features), generator=generator)
-            loss_sum = 0.0
-            for batch in order.split(cfg.batch_size):
-                x = F.normalize(features[batch].to(self.device), dim=-1)
-                y = labels[batch].to(self.device)
+                replay_x, replay_y = self._sample_replay(old_classes, counts.tolist(), generator)
+                x, y = torch.cat([x, replay_x]), torch.cat([y, replay_y])
+            order, sizes = stage2_batches(cfg, len(new_x), n_replay, steps_per_epoch, generator)
+            loss_sum.zero_()
+            for batch in order.to(self.device).split(sizes):
                 with self._autocast():
                     prototypes = F.normalize(self.prompts().float(), dim=-1)
-                logits = self.logit_scale * x @ prototypes.T
-                loss = F.cross_entropy(logits, y)
+                logits = self.logit_scale * x[batch] @ prototypes.T
+                loss = F.cross_entropy(logits, y[batch])
                 _optimise(optimizer, scheduler, loss)
                 step += 1
-                loss_sum += loss.item() * len(y)
+                loss_sum += loss.detach() * len(batch)
                 progress("stage2", step, total)
-        return loss_sum / n_per_epoch
+        return float(loss_sum) / n_per_epoch
+
+    def _sample_replay(
+        self, classes: list[int], counts: list[int], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised Gaussian samples (`counts[i]` of `classes[i]`) and their labels, drawn
+        on the learner's device in one batched draw per distinct count (at most two)."""
+        xs, ys = [], []
+        for n in sorted(set(counts) - {0}):
+            group = [c for c, k in zip(classes, counts, strict=True) if k == n]
+            x, y = self.memory.sample_classes(group, n, generator, device=self.device)
+            xs.append(x)
+            ys.append(y)
+        return F.normalize(torch.cat(xs).float(), dim=-1), torch.cat(ys)
 
     def _feature_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
         with torch.inference_mode():
             x = F.normalize(features.to(self.device), dim=-1)
             predicted = (x @ self.text_prototypes().T).argmax(dim=-1).cpu()
         return float((predicted == labels).float().mean())
+
+
+def stage2_batches(
+    cfg: Stage2Config, n_new: int, n_replay: int, steps: int, generator: torch.Generator
+) -> tuple[torch.Tensor, list[int]]:
+    """One epoch's order over [new features, replay samples] and its batch sizes.
+
+    "per_class" (METHOD.md): one shuffled pool in batches of `batch_size`. "bounded":
+    `steps` batches, each with an even share of the shuffled new features and of the
+    shuffled replay samples."""
+    if cfg.replay == "per_class":
+        order = torch.randperm(n_new + n_replay, generator=generator)
+        return order, [len(b) for b in order.split(cfg.batch_size)]
+    new = torch.randperm(n_new, generator=generator).tensor_split(steps)
+    replay = (torch.randperm(n_replay, generator=generator) + n_new).tensor_split(steps)
+    batches = [torch.cat(pair) for pair in zip(new, replay, strict=True)]
+    return torch.cat(batches), [len(b) for b in batches]
+
+
+def replay_total(cfg: Stage2Config, n_old: int, new_counts: Sequence[int]) -> int:
+    """Gaussian replay samples per stage-2 epoch, over all old classes (Stage2Config)."""
+    if n_old == 0 or cfg.samples_per_old_class <= 0:
+        return 0
+    if cfg.replay == "per_class":
+        return cfg.samples_per_old_class * n_old
+    n_new = sum(new_counts)
+    per_class = min(cfg.samples_per_old_class, math.ceil(n_new / len(new_counts)))
+    return min(per_class * n_old, math.floor(cfg.replay_ratio * n_new))
+
+
+def replay_counts(
+    cfg: Stage2Config, n_old: int, new_counts: Sequence[int], generator: torch.Generator
+) -> torch.Tensor:
+    """Gaussian samples per old class for one stage-2 epoch: [n_old], summing to
+    `replay_total`, equal or (when the budget binds) differing by one."""
+    total = replay_total(cfg, n_old, new_counts)
+    counts = torch.full((n_old,), total // max(n_old, 1), dtype=torch.long)
+    remainder = total - int(counts.sum())
+    if remainder:
+        counts[torch.randperm(n_old, generator=generator)[:remainder]] += 1
+    return counts
 
 
 def _make_calibrator(config: LearnerConfig) -> Calibrator:

@@ -7,6 +7,7 @@ embeddings. A registry maps the tower type to the wrapper that knows how.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Protocol
 
@@ -27,16 +28,54 @@ class TextTower(Protocol):
         ...
 
     def encode_embeddings(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Text features [n, embed_dim] (not normalised); `token_ids` locates padding/EOT."""
+        """Text features [n, embed_dim] (not normalised); `token_ids` locates padding/EOT.
+
+        The transformer runs on the longest real prompt of the batch, not the whole
+        context: the padding after it changes nothing in the result.
+        """
         ...
+
+
+class RealLength:
+    """Length of the longest real (non-padding) token sequence of a batch of token ids.
+
+    Prompt learning runs the same token ids through the tower at every step, so the length
+    is remembered for the last tensor seen (same object, not modified in place): on a GPU,
+    reading it back costs a host-device sync that a training step should not wait for.
+    """
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+        self._ids: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+        self._length = 0
+
+    def __call__(self, token_ids: torch.Tensor) -> int:
+        if (
+            self._ids is not None
+            and self._ids() is token_ids
+            and self._version == token_ids._version
+        ):
+            return self._length
+        positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
+        real = (token_ids != self.pad_id) * positions
+        self._length = max(int(real.amax()), 1) if real.numel() else token_ids.shape[1]
+        self._ids, self._version = weakref.ref(token_ids), token_ids._version
+        return self._length
 
 
 class OpenClipTextTower:
     """open_clip's own text transformer (the `CLIP` model family)."""
 
+    # Pooling that reads a position at or before the end token. With a causal mask no
+    # position sees the ones after it, so cutting the padding leaves them unchanged.
+    TRIMMABLE_POOLING = ("argmax", "eos", "first")
+
     def __init__(self, model: CLIP, tokenizer: Callable[..., torch.Tensor]) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # open_clip's tokenizers pad with id 0.
+        self.real_length = RealLength(pad_id=0)
 
     @property
     def device(self) -> torch.device:
@@ -51,9 +90,15 @@ class OpenClipTextTower:
     def encode_embeddings(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         # Mirrors open_clip.model.CLIP.encode_text after its token-embedding lookup.
         model = self.model
+        attn_mask = model.attn_mask
+        if attn_mask is not None and model.text_pool_type in self.TRIMMABLE_POOLING:
+            length = self.real_length(token_ids)
+            embeddings, token_ids = embeddings[:, :length], token_ids[:, :length]
+            attn_mask = attn_mask[:length, :length]
+        n = embeddings.shape[1]
         cast_dtype = model.transformer.get_cast_dtype()
-        x = embeddings.to(cast_dtype) + model.positional_embedding.to(cast_dtype)
-        x = model.transformer(x, attn_mask=model.attn_mask)
+        x = embeddings.to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+        x = model.transformer(x, attn_mask=attn_mask)
         x = model.ln_final(x)
         x = text_global_pool(
             x, token_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None)
@@ -72,6 +117,8 @@ class HuggingFaceTextTower:
     def __init__(self, text: HFTextEncoder, tokenizer: Callable[..., torch.Tensor]) -> None:
         self.text = text
         self.tokenizer = tokenizer
+        # Padding is masked out of attention and pooling, so it can be cut.
+        self.real_length = RealLength(pad_id=text.config.pad_token_id)
 
     @property
     def device(self) -> torch.device:
@@ -85,6 +132,8 @@ class HuggingFaceTextTower:
 
     def encode_embeddings(self, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         # Mirrors open_clip.hf_model.HFTextEncoder.forward with inputs_embeds.
+        length = self.real_length(token_ids)
+        embeddings, token_ids = embeddings[:, :length], token_ids[:, :length]
         attention_mask = (token_ids != self.text.config.pad_token_id).long()
         out = self.text.transformer(inputs_embeds=embeddings, attention_mask=attention_mask)
         pooled = self.text.pooler(out, attention_mask)
