@@ -58,7 +58,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", help="row order (default: as found)")
     parser.add_argument("--name", help="experiment name of the merged results")
     args = parser.parse_args()
-    results = [json.loads((f / "results.json").read_text()) for f in args.folders]
+    paths = [f / "results.json" for f in args.folders]
+    for path in paths:
+        if not path.is_file():
+            print(f"skipped {path.parent}: no finished run yet")
+    results = [json.loads(p.read_text()) for p in paths if p.is_file()]
     methods = args.methods or list(dict.fromkeys(m for r in results for m in r["methods"]))
     seeds = sorted({s for r in results for s in r["seeds"]})
     merged = merge(results, methods, seeds)
