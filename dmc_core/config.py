@@ -27,12 +27,16 @@ class AdapterConfig:
 
 @dataclass
 class PromptConfig:
+    # M shared context tokens. `ctx_init` initialises them from a phrase of at most M
+    # tokens (it fills the last slots, next to the class name; the rest start random,
+    # std 0.02); None starts them all random.
     n_ctx: int = 4
-    ctx_init: str = "a photo of a"
+    ctx_init: str | None = "a photo of a"
     # L learnable tokens per task (DMC-OT only); class c uses the tokens of its task.
     task_tokens: int = 4
     # Hand-written prompt: stage-1 anchors when `Stage1Config.anchors == "template"`.
     template: str = "a photo of a {}."
+    # Older tasks' tokens stay frozen (METHOD.md); True retrains them on replay in stage 2.
     train_old_task_tokens: bool = False
 
 
@@ -99,6 +103,17 @@ class CalibrationConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a prediction scores classes: the text prototypes, optionally fused with the
+    Gaussian memory (logits = text logits + memory_weight * memory scores)."""
+
+    # 0 scores with the text prototypes only (METHOD.md); choose a weight on validation.
+    memory_weight: float = 0.0
+    # "cosine": s * cos(f(x), class mean); "mahalanobis": -d^2/2 with the class covariance.
+    memory_score: Literal["cosine", "mahalanobis"] = "cosine"
+
+
+@dataclass
 class LearnerConfig:
     method: DmcVariant = "dmc_ot"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -107,6 +122,7 @@ class LearnerConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     # s in s * cos(f(x), w_c); None uses the backbone's own (frozen) logit scale.
     logit_scale: float | None = None
     min_images_per_class: int = 2
@@ -122,7 +138,7 @@ class LearnerConfig:
 
     @property
     def uses_calibration(self) -> bool:
-        return self.method == "dmc_ot"
+        return self.method == "dmc_ot" and self.calibration.method != "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,4 +183,12 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     config = cls(**kwargs)
     if isinstance(config, LearnerConfig) and config.method not in DMC_VARIANTS:
         raise ValueError(f"method must be one of {DMC_VARIANTS}, got {config.method!r}")
+    if isinstance(config, InferenceConfig):
+        if config.memory_weight < 0:
+            raise ValueError(f"inference.memory_weight must be >= 0, got {config.memory_weight}")
+        if config.memory_score not in ("cosine", "mahalanobis"):
+            raise ValueError(
+                f"inference.memory_score must be 'cosine' or 'mahalanobis', "
+                f"got {config.memory_score!r}"
+            )
     return config

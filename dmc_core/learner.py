@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import time
@@ -15,9 +16,16 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, Dataset
 
-from dmc_core.adapters import attach_adapter, merge_adapter, trainable_parameters
+from dmc_core.adapters import (
+    adapter_state_dict,
+    attach_adapter,
+    load_adapter_state_dict,
+    merge_adapter,
+    trainable_parameters,
+)
 from dmc_core.backbone import Backbone
 from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
+from dmc_core.class_scores import MemoryScorer
 from dmc_core.config import LearnerConfig, Stage2Config
 from dmc_core.errors import DmcError
 from dmc_core.memory import GaussianMemory
@@ -126,6 +134,7 @@ class Learner:
         # Loaded without its Gaussian memory (a serving replica): it predicts, never learns.
         self.inference_only = False
         self._prototypes: torch.Tensor | None = None
+        self._memory_scorer: MemoryScorer | None = None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -173,10 +182,43 @@ class Learner:
         self._prototypes = prototypes.float().to(self.device)
 
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
-        # `cached` computes each LoRA-adapted weight once per call, not once per use.
-        with torch.inference_mode(), parametrize.cached():
-            features = F.normalize(self.encode_images(pixels), dim=-1)
-            return self.logit_scale * features @ self.text_prototypes().T
+        # `cached` computes each LoRA-adapted weight once per call, not once per use. Its
+        # switch is process-wide, so a merged learner (no LoRA left; the server's, whose
+        # threads predict while a job thread may train) never turns it on.
+        cache = contextlib.nullcontext() if self.merged else parametrize.cached()
+        with torch.inference_mode(), cache:
+            return self.feature_logits(self.encode_images(pixels))
+
+    def feature_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores of un-normalised image features: s * cos to the text prototypes,
+        plus `inference.memory_weight` times the memory's scores when that is set."""
+        with torch.inference_mode():
+            features = features.float().to(self.device)
+            x = F.normalize(features, dim=-1)
+            logits = self.logit_scale * x @ self.text_prototypes().T
+            weight = self.config.inference.memory_weight
+            if weight:
+                logits = logits + weight * self.memory_scorer()(features)
+            return logits
+
+    def memory_scorer(self) -> MemoryScorer:
+        """Scores from the Gaussian memory, cached until the memory changes."""
+        kind = self.config.inference.memory_score
+        scorer = self._memory_scorer
+        if (
+            scorer is None
+            or scorer.memory is not self.memory
+            or scorer.kind != kind
+            or len(scorer.means) != len(self.class_names)
+        ):
+            self._memory_scorer = MemoryScorer(
+                self.memory,
+                len(self.class_names),
+                kind,
+                self.logit_scale,
+                self.device,
+            )
+        return self._memory_scorer  # type: ignore[return-value]
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
         return torch.stack([self.backbone.preprocess_val(image) for image in images])
@@ -211,10 +253,43 @@ class Learner:
         """Learn new classes: stage 1, memory update (+ OT calibration), stage 2.
 
         `labels[i]` indexes `class_names`. Images are whatever the backbone's transforms
-        take (PIL images). Nothing of them is kept afterwards but class statistics.
+        take (PIL images). Nothing of them is kept afterwards but class statistics. All or
+        nothing: if anything fails (or is interrupted) part-way, the learner is left as it
+        was before the call (classes, memory, prompts and adapter).
         """
         class_names = list(class_names)
         self._validate_task(images, labels, class_names)
+        saved = self._snapshot()
+        try:
+            return self._learn_task(images, labels, class_names, progress)
+        except BaseException:
+            self._restore_snapshot(saved)
+            raise
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "adapter": adapter_state_dict(self.backbone.visual, self.config.adapter),
+            "prompts": self.prompts.snapshot(),
+            "memory": copy.deepcopy(self.memory),
+        }
+
+    def _restore_snapshot(self, saved: dict[str, Any]) -> None:
+        load_adapter_state_dict(self.backbone.visual, saved["adapter"], self.config.adapter)
+        self.prompts.restore_snapshot(saved["prompts"])
+        self.memory = saved["memory"]
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._prototypes = None
+        self._memory_scorer = None
+
+    def _learn_task(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        class_names: list[str],
+        progress: ProgressCallback | None,
+    ) -> TaskReport:
         progress = progress or (lambda stage, step, total: None)
         task_index = self.n_tasks
         seed = self.config.seed * 1_000_003 + task_index
@@ -229,8 +304,7 @@ class Learner:
         )
         timer = time.perf_counter()
         first_new = len(self.class_names)
-        self.prompts.add_task(class_names)
-        self._prototypes = None
+        self._invalidate()
         local_labels = torch.tensor(list(labels), dtype=torch.long)
 
         calibrate = self.config.uses_calibration and len(self.memory) > 0
@@ -239,7 +313,7 @@ class Learner:
 
         timer = time.perf_counter()
         report.stage1_loss, report.stage1_train_accuracy = self._stage1(
-            images, local_labels, first_new, generator, progress
+            images, local_labels, class_names, generator, progress
         )
         report.seconds["stage1"] = time.perf_counter() - timer
 
@@ -260,10 +334,12 @@ class Learner:
         report.seconds["memory"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
+        # The task's tokens exist from stage 2 on (METHOD.md): none in its stage-1 anchors.
+        self.prompts.add_task(class_names)
         report.stage2_loss = self._stage2(
             new_features, local_labels + first_new, generator, progress
         )
-        self._prototypes = None
+        self._invalidate()
         report.seconds["stage2"] = time.perf_counter() - timer
         report.train_accuracy = self._feature_accuracy(new_features, local_labels + first_new)
         return report
@@ -329,31 +405,40 @@ class Learner:
                 progress("encode", step, len(loader))
         return torch.cat(chunks)
 
-    def _anchor_features(self, first_new: int) -> tuple[torch.Tensor, int]:
-        """Stage-1 anchors (normalised) and the global index of their first class."""
+    def _anchor_features(self, new_names: list[str]) -> tuple[torch.Tensor, int]:
+        """Stage-1 anchors (normalised) and the global index of their first class.
+
+        The new classes are prompted with the shared context only: their task's tokens do
+        not exist yet. So DMC-OT's anchors are DMC's (the template at the first task).
+        With `loss_classes: seen`, old classes are anchored at their current prompts.
+        """
         cfg = self.config
+        first_new = len(self.class_names)
         offset = first_new if cfg.stage1.loss_classes == "task" else 0
         with torch.inference_mode(), self._autocast():
             if cfg.stage1.anchors == "template":
-                names = self.class_names[offset:]
+                names = self.class_names[offset:] + new_names
                 tokens = self.text_tower.tokenize([cfg.prompts.template.format(n) for n in names])
                 features = self.backbone.model.encode_text(tokens)
             else:
-                features = self.prompts()[offset:]
+                features = self.prompts.context_features(new_names)
+                if offset < first_new:
+                    features = torch.cat([self.prompts()[offset:], features])
         return F.normalize(features.float(), dim=-1).clone(), offset
 
     def _stage1(
         self,
         images: Sequence[Any],
         local_labels: torch.Tensor,
-        first_new: int,
+        new_names: list[str],
         generator: torch.Generator,
         progress: ProgressCallback,
     ) -> tuple[float | None, float | None]:
         cfg = self.config.stage1
         if cfg.epochs <= 0:
             return None, None
-        anchors, offset = self._anchor_features(first_new)
+        first_new = len(self.class_names)
+        anchors, offset = self._anchor_features(new_names)
         targets = (local_labels + first_new - offset).tolist()
         transform = self.backbone.preprocess_train if cfg.augment else self.backbone.preprocess_val
         loader = self._loader(images, targets, transform, cfg.batch_size, generator)
@@ -443,9 +528,7 @@ class Learner:
         return F.normalize(torch.cat(xs).float(), dim=-1), torch.cat(ys)
 
     def _feature_accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
-        with torch.inference_mode():
-            x = F.normalize(features.to(self.device), dim=-1)
-            predicted = (x @ self.text_prototypes().T).argmax(dim=-1).cpu()
+        predicted = self.feature_logits(features).argmax(dim=-1).cpu()
         return float((predicted == labels).float().mean())
 
 

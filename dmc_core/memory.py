@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-__all__ = ["GaussianMemory", "MemoryConfig", "shrink_covariance"]
+__all__ = ["GaussianMemory", "MemoryConfig", "fecam_shrink", "shrink_covariance"]
 
 STORE_DTYPE = torch.float32
 # Bytes of factors moved to the sampling device at once by `sample_classes`.
@@ -43,7 +43,7 @@ class MemoryConfig:
     jitter_max_tries: int = 8
 
 
-def _fecam_shrink(cov: torch.Tensor, alpha1: float, alpha2: float) -> torch.Tensor:
+def fecam_shrink(cov: torch.Tensor, alpha1: float, alpha2: float) -> torch.Tensor:
     """FeCAM/RAPF shrinkage: cov + a1*mean(diag)*I + a2*mean(offdiag)*(1-I)."""
     d = cov.shape[0]
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
@@ -77,7 +77,7 @@ def shrink_covariance(features: torch.Tensor, config: MemoryConfig) -> torch.Ten
         rho = ledoit_wolf_intensity(centred)
         cov = (1.0 - rho) * cov + rho * torch.diagonal(cov).mean() * eye
     elif config.shrinkage == "below_dim" and n < d:
-        cov = _fecam_shrink(cov, config.shrink_alpha1, config.shrink_alpha2)
+        cov = fecam_shrink(cov, config.shrink_alpha1, config.shrink_alpha2)
     elif config.shrinkage not in ("ledoit_wolf", "below_dim", "none"):
         raise ValueError(f"unknown shrinkage {config.shrinkage!r}")
     return 0.5 * (cov + cov.T) + config.eps * eye

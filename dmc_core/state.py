@@ -101,8 +101,10 @@ def save_state(learner: Learner, folder: Path) -> dict[str, Any]:
     if learner.class_names:
         inference[PROTOTYPES] = learner.text_prototypes().detach().float().cpu().contiguous()
     blobs = {INFERENCE_FILE: (INFERENCE, save(inference))}
+    # Memory-fused inference scores with the memory: then prediction needs it too.
+    memory_part = INFERENCE if learner.config.inference.memory_weight else TRAINING
     for task, tensors in memory_by_task(learner).items():
-        blobs[memory_file(task)] = (TRAINING, save(tensors))
+        blobs[memory_file(task)] = (memory_part, save(tensors))
     files: dict[str, dict[str, Any]] = {}
     for name, (part, data) in blobs.items():
         path = folder.joinpath(*name.split("/"))
@@ -177,17 +179,19 @@ def load_state(
     manifest = read_manifest(folder)
     if manifest["format_version"] == 1:
         tensors = _read_tensors(folder, LEGACY_TENSORS, manifest["tensors_sha256"])
-        memory = _take(tensors, "memory.")
+        memory = _take(tensors, "memory.") if part == "full" else {}
     else:
         listed = manifest["files"]
+        memory_files = _memory_files(manifest)
         tensors = {}
         for name in files_of_part(manifest, "inference")[1:]:
-            tensors.update(_read_tensors(folder, name, listed[name]["sha256"]))
+            if name not in memory_files:
+                tensors.update(_read_tensors(folder, name, listed[name]["sha256"]))
         memory = {}
-        if part == "full":
+        if memory_files and (part == "full" or listed[memory_files[0]]["part"] == INFERENCE):
             memory = _join_memory(
                 manifest,
-                [_read_tensors(folder, n, listed[n]["sha256"]) for n in _memory_files(manifest)],
+                [_read_tensors(folder, n, listed[n]["sha256"]) for n in memory_files],
             )
 
     config = LearnerConfig.from_dict(manifest["config"])
@@ -202,7 +206,7 @@ def load_state(
         )
     learner = Learner(backbone, config)
     _restore(learner, manifest, tensors)
-    if part == "full" and memory:
+    if memory:
         _restore_memory(learner, memory)
     learner.inference_only = part == "inference"
     prototypes = tensors.get(PROTOTYPES)
@@ -215,7 +219,7 @@ def load_state(
 
 
 def _memory_files(manifest: dict[str, Any]) -> list[str]:
-    return sorted(n for n, f in manifest["files"].items() if f.get("part") == TRAINING)
+    return sorted(n for n in manifest["files"] if n.startswith(f"{MEMORY_DIR}/"))
 
 
 def _join_memory(

@@ -51,17 +51,22 @@ class RealLength:
         self._length = 0
 
     def __call__(self, token_ids: torch.Tensor) -> int:
+        if token_ids.is_inference():  # no version counter: not remembered
+            return self._measure(token_ids)
         if (
             self._ids is not None
             and self._ids() is token_ids
             and self._version == token_ids._version
         ):
             return self._length
-        positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
-        real = (token_ids != self.pad_id) * positions
-        self._length = max(int(real.amax()), 1) if real.numel() else token_ids.shape[1]
+        self._length = self._measure(token_ids)
         self._ids, self._version = weakref.ref(token_ids), token_ids._version
         return self._length
+
+    def _measure(self, token_ids: torch.Tensor) -> int:
+        positions = torch.arange(1, token_ids.shape[1] + 1, device=token_ids.device)
+        real = (token_ids != self.pad_id) * positions
+        return max(int(real.amax()), 1) if real.numel() else token_ids.shape[1]
 
 
 class OpenClipTextTower:

@@ -8,6 +8,19 @@
   no task tokens.
 - `dmc`: DMC (the learner's method "dmc").
 - `dmc_ot`: DMC-OT (method "dmc_ot": OT calibration of the memory + task tokens).
+- `simplecil`: SimpleCIL (Zhou et al. 2023, as in PILOT): the class means of the frozen
+  backbone's image features of each class's train images, cosine classifier. Nothing is
+  trained; the strong exemplar-free baseline a trained method must beat.
+- `fecam`: FeCAM-style (Goswami et al. 2023): per class, the mean and covariance of the
+  L2-normalised frozen features, shrunk with the memory's own `fecam_shrink` (alphas from
+  `memory.shrink_alpha1/2`) and normalised to a correlation matrix; Mahalanobis classifier.
+- Variants of DMC / DMC-OT that differ only in learner settings (rows by configuration):
+  `dmc_capacity_matched` (DMC; give it DMC-OT's final token count with
+  `method_overrides: {dmc_capacity_matched: {prompts: {n_ctx: ...}}}`),
+  `dmc_calibration_only` (DMC-OT without task tokens), `dmc_tokens_only` (DMC-OT with
+  `calibration.method: none`), `dmc_ot_retrained_tokens` (old tasks' tokens retrained on
+  replay), `dmc_ot_memory_fused` (DMC-OT predicting with text + memory scores,
+  `inference.memory_weight`, 1 unless the experiment sets one).
 - `joint`: the upper bound. After each task t, a fresh learner (the pretrained backbone,
   new LoRA and prompts) learns the train images of all tasks 0..t as one task, with
   DMC-OT's model and settings (LoRA, shared context and one set of task tokens, as the
@@ -16,8 +29,9 @@
   1 + 2 + ... + T tasks' worth of training. `method_overrides: {joint: {method: dmc}}`
   makes it DMC's model instead.
 
-Every method is evaluated the same way: the image features of the test images (under its
-current encoder) against the text prototypes of all classes seen so far.
+Every method is evaluated the same way: the image features of the test images under its
+current encoder, scored over all classes seen so far (against the text prototypes, unless
+the method says otherwise above).
 """
 
 from __future__ import annotations
@@ -36,10 +50,12 @@ from torch.nn.utils import parametrize
 
 from dmc_core.adapters import adapter_state_dict
 from dmc_core.backbone import Backbone
+from dmc_core.class_scores import cosine_scores, mahalanobis_scores, precision_matrices
 from dmc_core.config import LearnerConfig
 from dmc_core.data.images import ConcatImages, Images
 from dmc_core.experiment.features import tensor_hash
 from dmc_core.learner import Learner, ProgressCallback, TaskReport
+from dmc_core.memory import fecam_shrink
 from dmc_core.state import load_state, save_state
 
 __all__ = [
@@ -232,10 +248,7 @@ class LearnerMethod(Method):
             return self.learner.encode_images(pixels).cpu()
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
-        learner = self.learner
-        with torch.inference_mode():
-            x = F.normalize(features.float().to(learner.device), dim=-1)
-            return (learner.logit_scale * x @ learner.text_prototypes().T).cpu()
+        return self.learner.feature_logits(features).cpu()
 
     def save(self, folder: Path) -> bool:
         save_state(self.learner, folder)
@@ -268,6 +281,114 @@ class DMCOT(LearnerMethod):
     @classmethod
     def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
         return base.with_overrides({"method": "dmc_ot"})
+
+
+def _preset(name: str, overrides: dict[str, Any], doc: str) -> None:
+    """Register a learner method that is DMC / DMC-OT with fixed settings."""
+
+    def learner_config(cls: type[Method], base: LearnerConfig) -> LearnerConfig:
+        return base.with_overrides(overrides)
+
+    namespace = {"__doc__": doc, "learner_config": classmethod(learner_config)}
+    register_method(name)(type(name, (LearnerMethod,), namespace))
+
+
+_preset(
+    "dmc_capacity_matched",
+    {"method": "dmc"},
+    "DMC; the experiment sets `prompts.n_ctx` to DMC-OT's final token count.",
+)
+_preset(
+    "dmc_calibration_only",
+    {"method": "dmc_ot", "prompts.task_tokens": 0},
+    "DMC + OT calibration of the memory, no task tokens.",
+)
+_preset(
+    "dmc_tokens_only",
+    {"method": "dmc_ot", "calibration.method": "none", "prompts.train_old_task_tokens": False},
+    "DMC + task tokens (older tasks' frozen), no calibration.",
+)
+_preset(
+    "dmc_ot_retrained_tokens",
+    {"method": "dmc_ot", "prompts.train_old_task_tokens": True},
+    "DMC-OT whose older tasks' tokens keep training on replay in stage 2.",
+)
+
+
+@register_method("dmc_ot_memory_fused")
+class DMCOTMemoryFused(LearnerMethod):
+    """DMC-OT predicting with text logits + w * memory scores (w = 1 unless set)."""
+
+    @classmethod
+    def learner_config(cls, base: LearnerConfig) -> LearnerConfig:
+        config = base.with_overrides({"method": "dmc_ot"})
+        if config.inference.memory_weight == 0:
+            config = config.with_overrides({"inference.memory_weight": 1.0})
+        return config
+
+
+class ClassStatistics(ZeroShot):
+    """Classifies frozen features by per-class statistics of the train images."""
+
+    def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
+        super().__init__(backbone_factory, config)
+        self.means: list[torch.Tensor] = []
+
+    def learn(
+        self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
+    ) -> TaskReport | None:
+        self.class_names += task.class_names
+        batch_size = self.config.feature_batch_size
+        chunks = []
+        for start in range(0, len(task.images), batch_size):
+            stop = min(start + batch_size, len(task.images))
+            pixels = torch.stack([self.preprocess(task.images[i]) for i in range(start, stop)])
+            chunks.append(self.encode(pixels))
+            progress("encode", stop, len(task.images))
+        features = torch.cat(chunks)
+        labels = torch.as_tensor(task.labels)
+        for i in range(len(task.class_names)):
+            self.add_class(features[labels == i])
+        return None
+
+    def restore(self, folder: Path | None, seen: Sequence[TaskData]) -> None:
+        self.__init__(self.backbone_factory, self.config)  # type: ignore[misc]
+        for t, task in enumerate(seen):
+            self.learn(task, seen[: t + 1], lambda stage, step, total: None)
+
+    def add_class(self, features: torch.Tensor) -> None:
+        self.means.append(features.double().mean(dim=0))
+
+
+@register_method("simplecil")
+class SimpleCIL(ClassStatistics):
+    """Cosine to the class means of frozen features."""
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        scale = self.config.logit_scale or self.backbone.logit_scale
+        return cosine_scores(features, torch.stack(self.means), scale)
+
+
+@register_method("fecam")
+class FeCAM(ClassStatistics):
+    """Mahalanobis distance with shrunk, correlation-normalised covariances of the
+    L2-normalised frozen features."""
+
+    def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
+        super().__init__(backbone_factory, config)
+        self.precisions: list[torch.Tensor] = []
+
+    def add_class(self, features: torch.Tensor) -> None:
+        x = F.normalize(features.double(), dim=-1)
+        self.means.append(x.mean(dim=0))
+        memory = self.config.memory
+        cov = fecam_shrink(torch.cov(x.T), memory.shrink_alpha1, memory.shrink_alpha2)
+        std = torch.diagonal(cov).sqrt()
+        self.precisions.append(precision_matrices((cov / torch.outer(std, std))[None])[0])
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(features.double(), dim=-1)
+        return mahalanobis_scores(x, torch.stack(self.means), torch.stack(self.precisions))
 
 
 @register_method("joint")

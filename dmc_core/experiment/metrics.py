@@ -7,9 +7,11 @@ has. All accuracies are percentages.
 - accuracy matrix `acc[t][j] = 100 * correct[t][j] / counts[j]` (None for j > t);
 - `A_t` (accuracy after task t): over all test images of the tasks seen so far;
 - `Avg = mean_t A_t`, `Last = A_T`;
-- forgetting (Chaudhry et al. 2018): for each task j before the last,
+- `forgetting` (Chaudhry et al. 2018): for each task j before the last,
   `f_j = max_{j <= t < T} acc[t][j] - acc[T][j]` (best accuracy before the final task minus
   the final one; negative when a task got better); forgetting = mean of f_j (None if T = 1);
+- `forgetting_pycil` (PyCIL's): the same with the best taken over every row including the
+  last, `max_{j <= t <= T} acc[t][j] - acc[T][j]`, so never negative;
 - old / new accuracy after task t: over the test images of tasks < t / of task t.
 """
 
@@ -61,24 +63,38 @@ def compute_metrics(correct: Sequence[Sequence[int]], counts: Sequence[int]) -> 
         new.append(_percent(row[t], counts[t]))
         old.append(_percent(sum(row[:t]), sum(counts[:t])) if t > 0 else None)
     n = len(correct)
-    per_task_forgetting: list[float] = []
-    if n > 1:
-        final = acc[n - 1]
-        for j in range(n - 1):
-            best = max(float(acc[t][j]) for t in range(j, n - 1))  # type: ignore[arg-type]
-            per_task_forgetting.append(best - float(final[j]))  # type: ignore[arg-type]
+    per_task_forgetting = _forgetting(acc, include_last=False)
+    per_task_pycil = _forgetting(acc, include_last=True)
     return {
         "accuracy_per_task": accuracy,
         "avg": sum(accuracy) / n if n else None,
         "last": accuracy[-1] if n else None,
-        "forgetting": sum(per_task_forgetting) / len(per_task_forgetting)
-        if per_task_forgetting
-        else None,
+        "forgetting": _mean(per_task_forgetting),
         "forgetting_per_task": per_task_forgetting,
+        "forgetting_pycil": _mean(per_task_pycil),
+        "forgetting_pycil_per_task": per_task_pycil,
         "old_accuracy": old,
         "new_accuracy": new,
         "accuracy_matrix": acc,
     }
+
+
+def _forgetting(acc: list[list[float | None]], include_last: bool) -> list[float]:
+    """Per old task j: best accuracy over rows j.. (T - 1, or T with `include_last`) minus
+    the final one."""
+    n = len(acc)
+    if n < 2:
+        return []
+    end = n if include_last else n - 1
+    final = acc[n - 1]
+    return [
+        max(float(acc[t][j]) for t in range(j, end)) - float(final[j])  # type: ignore[arg-type]
+        for j in range(n - 1)
+    ]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
@@ -92,12 +108,20 @@ def mean_std(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def aggregate(metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean ± std over runs (seeds) of Avg, Last, forgetting and A_t per task."""
+    """Mean ± std over runs (seeds) of Avg, Last, both forgettings, the old / new accuracy
+    after the last task and A_t per task."""
     n_tasks = max((len(m["accuracy_per_task"]) for m in metrics), default=0)
     return {
         "avg": mean_std([m["avg"] for m in metrics]),
         "last": mean_std([m["last"] for m in metrics]),
         "forgetting": mean_std([m["forgetting"] for m in metrics]),
+        "forgetting_pycil": mean_std([m.get("forgetting_pycil") for m in metrics]),
+        "old_accuracy_last": mean_std(
+            [m["old_accuracy"][-1] for m in metrics if m["old_accuracy"]]
+        ),
+        "new_accuracy_last": mean_std(
+            [m["new_accuracy"][-1] for m in metrics if m["new_accuracy"]]
+        ),
         "accuracy_per_task": [
             mean_std(
                 [

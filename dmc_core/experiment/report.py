@@ -29,6 +29,15 @@ class Group:
         return aggregate([r["metrics"] for r in self.runs])
 
     @property
+    def learn_seconds_per_task(self) -> dict[str, Any]:
+        """Training seconds per task (mean over the tasks of a run), mean ± std over seeds."""
+        per_run = []
+        for run in self.runs:
+            learn = [s.get("learn", 0.0) for s in run["seconds"]["per_task"]]
+            per_run.append(sum(learn) / len(learn) if learn else None)
+        return mean_std(per_run)
+
+    @property
     def classes_seen(self) -> list[int]:
         sizes = [len(task) for task in self.runs[0]["tasks"]]
         return [sum(sizes[: t + 1]) for t in range(len(sizes))]
@@ -57,17 +66,27 @@ def group_runs(results: Sequence[dict[str, Any]]) -> list[Group]:
     return list(groups.values())
 
 
-def _cell(stats: dict[str, Any]) -> str:
+def _cell(stats: dict[str, Any], digits: int = 2) -> str:
     if stats["mean"] is None:
         return "–"
     if stats["n"] > 1:
-        return f"{stats['mean']:.2f} ± {stats['std']:.2f}"
-    return f"{stats['mean']:.2f}"
+        return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+    return f"{stats['mean']:.{digits}f}"
 
 
 def accuracy_table(groups: Sequence[Group]) -> str:
     n_tasks = max((len(g.runs[0]["tasks"]) for g in groups), default=0)
-    header = ["Method", "Avg", "Last", "Forgetting ↓", *[f"A{t + 1}" for t in range(n_tasks)]]
+    header = [
+        "Method",
+        "Avg",
+        "Last",
+        "Forgetting ↓",
+        "Forgetting (PyCIL) ↓",
+        "Old",
+        "New",
+        "Train s/task",
+        *[f"A{t + 1}" for t in range(n_tasks)],
+    ]
     lines = ["| " + " | ".join([*header, "Seeds"]) + " |", "|" + "---|" * (len(header) + 1)]
     for group in groups:
         summary = group.summary
@@ -78,6 +97,10 @@ def accuracy_table(groups: Sequence[Group]) -> str:
             _cell(summary["avg"]),
             _cell(summary["last"]),
             _cell(summary["forgetting"]),
+            _cell(summary["forgetting_pycil"]),
+            _cell(summary["old_accuracy_last"]),
+            _cell(summary["new_accuracy_last"]),
+            _cell(group.learn_seconds_per_task, digits=1),
             *per_task,
             ", ".join(str(s) for s in group.seeds),
         ]
@@ -141,9 +164,12 @@ def markdown_report(results: Sequence[dict[str, Any]], title: str | None = None)
         "",
         f"{described}. Accuracy in % on the {first['dataset'].get('eval_split', 'test')} "
         "split, mean ± std (sample std) over seeds. Avg: mean of the accuracies after each "
-        "task; Last: after the last task; Forgetting: mean over old tasks of best earlier "
-        "minus final accuracy (lower is better); A<t>: accuracy on all classes seen after "
-        "task t.",
+        "task; Last: after the last task; Forgetting: mean over old tasks of best accuracy "
+        "before the last task minus final accuracy; Forgetting (PyCIL): the same with the "
+        "best over all tasks including the last (lower is better for both); Old / New: "
+        "accuracy after the last task on the earlier tasks' / the last task's classes; "
+        "Train s/task: seconds to learn one task (mean over tasks); A<t>: accuracy on all "
+        "classes seen after task t.",
         "",
         accuracy_table(groups),
     ]

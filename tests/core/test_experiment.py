@@ -197,8 +197,66 @@ def test_feature_cache(tmp_path: Path) -> None:
     assert len(calls) == 3 and memory_only.stats()["hits"] == 1
 
 
+NEW_ROWS = [
+    "simplecil",
+    "fecam",
+    "dmc_capacity_matched",
+    "dmc_calibration_only",
+    "dmc_tokens_only",
+    "dmc_ot_retrained_tokens",
+    "dmc_ot_memory_fused",
+]
+
+
+def test_every_row_runs_and_resumes(
+    colour_folder: Path, checkpoints: dict[str, BackboneSpec], tmp_path: Path
+) -> None:
+    overrides = {"dmc_capacity_matched": {"prompts": {"n_ctx": 8}}}
+    config = ExperimentConfig.from_dict(
+        _config(
+            colour_folder,
+            checkpoints["dmc-tiny-vit"],
+            seeds=[1],
+            methods=NEW_ROWS,
+            method_overrides=overrides,
+        )
+    )
+    results = run_experiment(config, tmp_path / "run", show_progress=False, log=lambda line: None)
+    assert list(results["summary"]) == NEW_ROWS
+    for summary in results["summary"].values():
+        assert summary["last"]["n"] == 1 and summary["forgetting_pycil"]["n"] == 1
+    # The baselines classify training-free and resume by re-reading the tasks.
+    partial = tmp_path / "run" / "progress" / "fecam-seed1" / "partial.json"
+    data = json.loads(partial.read_text())
+    data["completed"], data["tasks"] = 1, data["tasks"][:1]
+    partial.write_text(json.dumps(data))
+    (tmp_path / "run" / "results.json").unlink()
+    resumed = run_experiment(
+        config, tmp_path / "run", resume=True, show_progress=False, log=lambda line: None
+    )
+    assert resumed["summary"]["fecam"] == results["summary"]["fecam"]
+    report = (tmp_path / "run" / "results.md").read_text()
+    assert "Forgetting (PyCIL)" in report and "| dmc_ot_memory_fused |" in report
+
+
 def test_methods_registry_and_settings() -> None:
-    assert list_methods()[:5] == ["zeroshot", "finetune", "dmc", "dmc_ot", "joint"]
+    assert list_methods()[:4] == ["zeroshot", "finetune", "dmc", "dmc_ot"]
+    assert set(NEW_ROWS) | {"joint"} <= set(list_methods())
+    base = LearnerConfig(method="dmc")
+    calibration_only = get_method_class("dmc_calibration_only").learner_config(base)
+    assert calibration_only.uses_calibration and not calibration_only.uses_task_tokens
+    tokens_only = get_method_class("dmc_tokens_only").learner_config(base)
+    assert tokens_only.uses_task_tokens and not tokens_only.uses_calibration
+    assert not tokens_only.prompts.train_old_task_tokens
+    retrained = get_method_class("dmc_ot_retrained_tokens").learner_config(base)
+    assert retrained.uses_calibration and retrained.prompts.train_old_task_tokens
+    fused = get_method_class("dmc_ot_memory_fused").learner_config(base)
+    assert fused.uses_calibration and fused.inference.memory_weight == 1.0
+    chosen = base.with_overrides({"inference.memory_weight": 0.3})
+    assert (
+        get_method_class("dmc_ot_memory_fused").learner_config(chosen).inference.memory_weight
+        == 0.3
+    )
     with pytest.raises(ValueError, match="unknown method 'ewc'; known: zeroshot"):
         get_method_class("ewc")
     base = LearnerConfig(method="dmc_ot")
@@ -266,7 +324,9 @@ def test_repo_configs_load() -> None:
     assert len(configs) >= 5
     for path in configs:
         config = load_experiment_config(path)
-        assert config.methods == ["zeroshot", "finetune", "dmc", "dmc_ot", "joint"]
+        assert (
+            config.methods[:3] == ["zeroshot", "finetune", "dmc"] or "simplecil" in config.methods
+        )
 
 
 def test_cli_end_to_end(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -53,11 +54,13 @@ def test_stage1_trains_only_the_adapter_and_stage2_only_the_prompts(
 
     stage1_changed = _changed(model_before, after_stage1["model"])
     assert stage1_changed and all(".lora_" in k for k in stage1_changed)
-    # The new task's tokens appear at the start of the task; nothing prompt-side trains in stage 1.
-    assert not _changed(prompts_before, {k: after_stage1["prompts"][k] for k in prompts_before})
+    # The new task's tokens appear only in stage 2; nothing prompt-side trains in stage 1.
+    assert set(after_stage1["prompts"]) == set(prompts_before) == {"ctx", "task_tokens.0"}
+    assert not _changed(prompts_before, after_stage1["prompts"])
     assert not _changed(after_stage1["model"], model_after)
-    stage2_changed = _changed(after_stage1["prompts"], prompts_after)
-    assert stage2_changed == {"ctx", "task_tokens.1"}
+    # Stage 2: the shared context and the new task's tokens; the old task's stay frozen.
+    assert set(prompts_after) == {"ctx", "task_tokens.0", "task_tokens.1"}
+    assert _changed(after_stage1["prompts"], prompts_after) == {"ctx"}
     text_keys = [k for k in model_before if not k.startswith("visual.")]
     assert text_keys and not _changed(
         {k: model_before[k] for k in text_keys}, {k: model_after[k] for k in text_keys}
@@ -165,3 +168,130 @@ def test_predict_returns_sorted_top_k(backbone_factory: Callable[[str], Backbone
         assert len(p.names) == 2 and p.probabilities[0] >= p.probabilities[1]
         assert set(p.names) <= {"red", "green", "blue"}
     assert len(learner.predict(images[:1], top_k=10)[0].names) == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dmc_ot_stage1_is_dmc_stage1(
+    family: str, backbone_factory: Callable[[str], Backbone]
+) -> None:
+    """Task tokens play no part in stage 1: at the first task DMC-OT's anchors are DMC's
+    (the template), and its stage-1 loss on the same data and seed is DMC's."""
+    images, labels = colour_images([0, 1, 2], 8, seed=0)
+    names = ["red", "green", "blue"]
+    reports, anchors = {}, {}
+    for method in ("dmc", "dmc_ot"):
+        learner = Learner(backbone_factory(family), fast_config(method, seed=5))
+        anchors[method] = learner._anchor_features(names)[0]
+        reports[method] = learner.learn_task(images, labels, names)
+    backbone = backbone_factory(family)
+    with torch.no_grad():
+        template = backbone.model.encode_text(
+            backbone.tokenizer([f"a photo of a {n}." for n in names])
+        )
+    torch.testing.assert_close(anchors["dmc_ot"], anchors["dmc"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        anchors["dmc"], torch.nn.functional.normalize(template, dim=-1), atol=1e-5, rtol=0
+    )
+    assert reports["dmc_ot"].stage1_loss == reports["dmc"].stage1_loss
+    assert reports["dmc_ot"].stage1_train_accuracy == reports["dmc"].stage1_train_accuracy
+
+
+class StopLearningError(Exception):
+    """Stands for a failure (or a kill) part-way through a task."""
+
+
+@pytest.mark.parametrize("stage", ["stage1", "memory", "stage2"])
+def test_a_task_that_fails_midway_changes_nothing(
+    stage: str, backbone_factory: Callable[[str], Backbone]
+) -> None:
+    learner = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot"))
+    first, first_labels = colour_images([0, 1], 10, seed=0)
+    learner.learn_task(first, first_labels, ["red", "green"])
+    adapter = _model_snapshot(learner)
+    prompts = _snapshot(learner.prompts)
+    memory = {c: (learner.memory.mean(c), learner.memory.covariance(c)) for c in (0, 1)}
+    scores = learner.predict(first[:4])
+
+    def fail(at: str, step: int, total: int) -> None:
+        if at == stage and step == total:
+            raise StopLearningError
+
+    images, labels = colour_images([2, 3], 10, seed=1)
+    with pytest.raises(StopLearningError):
+        learner.learn_task(images, labels, ["blue", "yellow"], progress=fail)
+    assert learner.class_names == ["red", "green"] and learner.n_tasks == 1
+    assert learner.memory.class_indices == [0, 1]
+    for c, (mean, cov) in memory.items():
+        assert torch.equal(learner.memory.mean(c), mean)
+        assert torch.equal(learner.memory.covariance(c), cov)
+    assert set(_snapshot(learner.prompts)) == set(prompts)
+    assert not _changed(prompts, _snapshot(learner.prompts))
+    assert not _changed(adapter, _model_snapshot(learner))
+    assert learner.predict(first[:4]) == scores
+    # The task learns afterwards exactly as if the failure had never happened.
+    again = learner.learn_task(images, labels, ["blue", "yellow"])
+    fresh = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot"))
+    fresh.learn_task(first, first_labels, ["red", "green"])
+    reference = fresh.learn_task(images, labels, ["blue", "yellow"])
+    assert (again.stage1_loss, again.stage2_loss) == (reference.stage1_loss, reference.stage2_loss)
+
+
+def test_memory_fused_inference_rescues_a_weak_text_side(
+    backbone_factory: Callable[[str], Backbone],
+) -> None:
+    """With nothing trained, the random tiny text tower barely separates the colours; the
+    memory's class statistics of the same encoder do."""
+    untrained = {"stage1.epochs": 0, "stage2.epochs": 0}
+    learner = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot", **untrained))
+    classes = [0, 1, 2, 3, 4, 5]
+    images, labels = colour_images(classes, 12, seed=0)
+    learner.learn_task(images, labels, COLOUR_NAMES)
+    text_only = _accuracy(learner, classes, 0)
+    accuracy = {}
+    # The random tower's features are close in angle: cosine scores need a larger weight.
+    for score, weight in (("cosine", 10.0), ("mahalanobis", 1.0)):
+        learner.config.inference.memory_score = score  # type: ignore[assignment]
+        learner.config.inference.memory_weight = weight
+        accuracy[score] = _accuracy(learner, classes, 0)
+    assert text_only <= 0.5
+    assert accuracy["cosine"] >= 0.9 and accuracy["mahalanobis"] >= 0.9
+    learner.config.inference.memory_weight = 0.0
+    assert _accuracy(learner, classes, 0) == text_only
+
+
+def test_a_task_learns_while_another_learner_predicts_in_a_thread(
+    backbone_factory: Callable[[str], Backbone],
+) -> None:
+    """The embedded mode: a server thread predicts with a merged learner while the job
+    thread trains another one. parametrize's weight cache is process-wide, so predicting
+    must not switch it on under the trainer's feet."""
+    serving = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc"))
+    images, labels = colour_images([0, 1], 8, seed=0)
+    serving.learn_task(images, labels, ["colour 0", "colour 1"])
+    serving.merge_for_inference()
+    pixels = serving.preprocess(images).repeat(8, 1, 1, 1)  # long calls: the cache is on
+
+    stop = threading.Event()
+    predictions = 0
+
+    def predict_until_stopped() -> None:
+        nonlocal predictions
+        while not stop.is_set():
+            serving.logits(pixels)
+            predictions += 1
+
+    thread = threading.Thread(target=predict_until_stopped)
+    thread.start()
+    try:
+        learner = Learner(
+            backbone_factory("dmc-tiny-vit"), fast_config("dmc", **{"stage1.epochs": 6})
+        )
+        for task in range(2):
+            classes = [2 + 2 * task, 3 + 2 * task]
+            images, labels = colour_images(classes, 16, seed=task)
+            report = learner.learn_task(images, labels, [f"colour {c}" for c in classes])
+    finally:
+        stop.set()
+        thread.join()
+    assert predictions > 0
+    assert report.stage1_loss is not None and report.train_accuracy is not None

@@ -30,6 +30,8 @@ def test_metrics_by_hand() -> None:
     # Task 0: best before the end max(80, 60) = 80, final 50 -> 30; task 1: 90 - 50 = 40.
     assert m["forgetting_per_task"] == pytest.approx([30.0, 40.0])
     assert m["forgetting"] == pytest.approx(35.0)
+    # PyCIL's best includes the final row: the same here, as no task got better at the end.
+    assert m["forgetting_pycil_per_task"] == pytest.approx([30.0, 40.0])
     # Old: images of earlier tasks (6/10; 15/30); new: the task's own.
     assert m["old_accuracy"][0] is None
     assert m["old_accuracy"][1:] == pytest.approx([60.0, 50.0])
@@ -42,11 +44,22 @@ def test_forgetting_can_be_negative_and_ignores_the_final_row_in_the_best() -> N
     # Task 0: best before the end 40, final 100 -> -60; task 1: 50 - 100 = -50.
     assert m["forgetting_per_task"] == pytest.approx([-60.0, -50.0])
     assert m["forgetting"] == pytest.approx(-55.0)
+    # PyCIL's: the best is the final row itself, so nothing is forgotten.
+    assert m["forgetting_pycil_per_task"] == [0.0, 0.0] and m["forgetting_pycil"] == 0.0
+
+
+def test_the_two_forgettings_differ_only_where_the_last_row_is_the_best() -> None:
+    # Task 0: 80 -> 40 -> 90 (best 80 before the end, 90 overall); task 1: 90 -> 70.
+    m = compute_metrics([[8], [4, 9], [9, 7, 5]], [10, 10, 10])
+    assert m["forgetting_per_task"] == pytest.approx([-10.0, 20.0])
+    assert m["forgetting_pycil_per_task"] == pytest.approx([0.0, 20.0])
+    assert (m["forgetting"], m["forgetting_pycil"]) == pytest.approx((5.0, 10.0))
 
 
 def test_one_task_and_partial_runs() -> None:
     one = compute_metrics([[3]], [4, 4])
     assert one["accuracy_per_task"] == [75.0] and one["forgetting"] is None
+    assert one["forgetting_pycil"] is None
     assert one["avg"] == one["last"] == 75.0
     empty = compute_metrics([], [4])
     assert empty["avg"] is None and empty["accuracy_per_task"] == []
@@ -77,4 +90,7 @@ def test_mean_std_and_aggregate() -> None:
     assert summary["last"]["mean"] == pytest.approx(80.0)
     assert summary["last"]["std"] == pytest.approx(math.sqrt(2 * 20**2))
     assert summary["forgetting"]["values"] == [pytest.approx(35.0), pytest.approx(0.0)]
+    assert summary["forgetting_pycil"]["values"] == [pytest.approx(35.0), pytest.approx(0.0)]
+    assert summary["old_accuracy_last"]["mean"] == pytest.approx((50 + 100) / 2)
+    assert summary["new_accuracy_last"]["mean"] == pytest.approx((90 + 100) / 2)
     assert [s["mean"] for s in summary["accuracy_per_task"]] == pytest.approx([90, 90, 80])

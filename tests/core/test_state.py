@@ -168,6 +168,25 @@ def test_inference_part_predicts_without_the_memory_and_refuses_to_learn(
         load_state(state_dir, part="full")
 
 
+def test_memory_fused_inference_puts_the_memory_in_the_inference_part(
+    backbone_factory: Callable[[str], Backbone], state_dir: Path
+) -> None:
+    config = fast_config("dmc_ot").with_overrides({"inference.memory_weight": 2.0})
+    learner = _learn_two_tasks(Learner(backbone_factory("dmc-tiny-vit"), config))
+    manifest = save_state(learner, state_dir)
+    assert files_of_part(manifest, "inference") == [
+        MANIFEST,
+        INFERENCE_FILE,
+        memory_file(0),
+        memory_file(1),
+    ]
+
+    replica = load_state(state_dir, part="inference")
+    assert replica.inference_only and replica.memory.class_indices == [0, 1, 2, 3]
+    pixels = learner.preprocess(colour_images([0, 1, 2, 3], 3, seed=7)[0])
+    assert torch.equal(replica.logits(pixels), learner.logits(pixels))
+
+
 def test_unchanged_statistics_keep_identical_files(
     backbone_factory: Callable[[str], Backbone], tmp_path: Path
 ) -> None:

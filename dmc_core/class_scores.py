@@ -1,0 +1,70 @@
+"""Scores of image features against per-class statistics: cosine to the class means, or
+the Gaussian log-likelihood term -d^2/2 of the Mahalanobis distance d.
+
+Used by the learner's memory-fused inference (the Gaussian memory's means and
+covariances under the adapted encoder) and by the SimpleCIL / FeCAM baselines (means and
+covariances of frozen features).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from dmc_core.memory import GaussianMemory
+
+__all__ = ["MemoryScorer", "cosine_scores", "mahalanobis_scores", "precision_matrices"]
+
+ScoreKind = Literal["cosine", "mahalanobis"]
+
+
+def cosine_scores(features: torch.Tensor, means: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * cos(x, mean_c): [n, C]."""
+    x = F.normalize(features.float(), dim=-1)
+    return scale * x @ F.normalize(means.float(), dim=-1).T
+
+
+def precision_matrices(covariances: torch.Tensor) -> torch.Tensor:
+    """Inverses [C, d, d] of symmetric covariances [C, d, d] (pseudo-inverse: a singular
+    covariance scores its null space as zero distance instead of failing)."""
+    return torch.linalg.pinv(covariances.double(), hermitian=True)
+
+
+def mahalanobis_scores(
+    features: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor
+) -> torch.Tensor:
+    """-d^2 / 2 with d^2 = (x - mean_c)^T P_c (x - mean_c): [n, C]."""
+    diff = features.double()[:, None, :] - means.double()[None]
+    squared = torch.einsum("ncd,cde,nce->nc", diff, precisions, diff)
+    return (-0.5 * squared).float()
+
+
+class MemoryScorer:
+    """Scores against the Gaussian memory's classes 0..n_classes-1, in class order."""
+
+    def __init__(
+        self,
+        memory: GaussianMemory,
+        n_classes: int,
+        kind: ScoreKind,
+        scale: float,
+        device: torch.device,
+    ) -> None:
+        missing = [c for c in range(n_classes) if c not in memory.class_indices]
+        if missing:
+            raise ValueError(f"the memory holds no statistics of classes {missing}")
+        self.memory, self.kind, self.scale = memory, kind, scale
+        self.means = torch.stack([memory.mean(c) for c in range(n_classes)]).to(device)
+        self.precisions: torch.Tensor | None = None
+        if kind == "mahalanobis":
+            covariances = torch.stack([memory.covariance(c) for c in range(n_classes)])
+            self.precisions = precision_matrices(covariances).to(device)
+        elif kind != "cosine":
+            raise ValueError(f"memory score must be 'cosine' or 'mahalanobis', got {kind!r}")
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        if self.precisions is None:
+            return cosine_scores(features, self.means, self.scale)
+        return mahalanobis_scores(features, self.means, self.precisions)
