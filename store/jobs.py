@@ -170,6 +170,7 @@ class Jobs(JobLeases):
             job.attempts += 1
             job.started_at = utcnow()
             job.error = None
+            job.progress = Progress().as_json()
             session.flush()
             return job_info(job)
 
