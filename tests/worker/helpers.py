@@ -86,6 +86,8 @@ def make_settings(
         "job_sweep_seconds": 2.0,
         "job_progress_interval_seconds": 0.1,
         "max_image_side": 64,
+        # Off: with no work_dir the collector would look through the system's temp dir.
+        "gc_interval_seconds": 0.0,
     }
     values.update(overrides)
     return WorkerSettings(**values)
