@@ -152,9 +152,14 @@ class _Budget:
 
 
 def _finish(
-    entries: list[_Entry], open_entry: OpenEntry, limits: UploadLimits, empty: set[str]
+    entries: list[_Entry],
+    open_entry: OpenEntry,
+    limits: UploadLimits,
+    empty: set[str],
+    kind: str = "upload",
 ) -> ParsedUpload:
-    """Check counts, then every image; compute the digest."""
+    """Check counts, then every image; compute the digest. A `kind` (zip, tar) that cannot
+    be read is said to be corrupt."""
     if empty:
         listed = ", ".join(repr(n) for n in sorted(empty)[:_LISTED])
         raise UploadError(
@@ -184,7 +189,7 @@ def _finish(
     digests: list[str] = []
     for entry in entries:
         name = f"image {entry.filename!r} (class {entry.class_name!r})"
-        with open_entry(entry.ref) as stream:
+        with _unpacking(entry.filename, kind), open_entry(entry.ref) as stream:
             data = budget.read(stream, name)
         check_image(data, name, limits.max_image_pixels)
         entry.sha256 = hashlib.sha256(data).hexdigest()
@@ -300,7 +305,8 @@ def _listing_too_long(limits: UploadLimits) -> UploadError:
 
 @contextlib.contextmanager
 def _unpacking(name: str, kind: str) -> Iterator[None]:
-    """An archive's read errors, as the 422 that says the archive is corrupt."""
+    """An archive's read errors, as the 422 that says the archive is corrupt (only while
+    an entry is checked: errors of the object store, later, are not the upload's)."""
     try:
         yield
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, OSError, EOFError) as exc:
@@ -334,12 +340,10 @@ def _parse_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> ParsedUpload:
         dirs.update(parts[:i] for i in range(1, len(parts)))
     entries, empty = _layout(files, dirs, limits)
 
-    @contextlib.contextmanager
-    def open_entry(ref: Any) -> Iterator[IO[bytes]]:
-        with _unpacking(ref.filename, "zip"), archive.open(ref) as stream:
-            yield stream
+    def open_entry(ref: Any) -> AbstractContextManager[IO[bytes]]:
+        return archive.open(ref)
 
-    return _finish(entries, open_entry, limits, empty)
+    return _finish(entries, open_entry, limits, empty, "zip")
 
 
 def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
@@ -379,16 +383,13 @@ def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
         raise UploadError(422, f"the tar archive is corrupt or truncated: {exc}") from exc
     entries, empty = _layout(files, dirs, limits)
 
-    @contextlib.contextmanager
-    def open_entry(ref: Any) -> Iterator[IO[bytes]]:
-        with _unpacking(ref.name, "tar"):
-            stream = archive.extractfile(ref)
-            if stream is None:
-                raise UploadError(422, f"archive entry {ref.name!r} cannot be read")
-            with stream:
-                yield stream
+    def open_entry(ref: Any) -> AbstractContextManager[IO[bytes]]:
+        stream = archive.extractfile(ref)
+        if stream is None:
+            raise UploadError(422, f"archive entry {ref.name!r} cannot be read")
+        return stream
 
-    return _finish(entries, open_entry, limits, empty)
+    return _finish(entries, open_entry, limits, empty, "tar")
 
 
 def parse_archive(stream: IO[bytes], limits: UploadLimits) -> ParsedUpload:

@@ -175,3 +175,11 @@ def test_an_entry_over_the_image_byte_limit_is_refused_before_it_is_unpacked() -
     labelled = [(name, io.BytesIO(data)) for name, data in files.items()]
     with refused(413, "DMC_MAX_IMAGE_BYTES"):
         parse_labelled_files(labelled, ["a", "a"], limits)
+
+
+def test_a_corrupt_entry_is_422() -> None:
+    data = bytearray(zip_bytes({"a/1.png": IMAGES[0], "a/2.png": IMAGES[1]}))
+    at = bytes(data).index(IMAGES[0]) + len(IMAGES[0]) // 2
+    data[at] ^= 0xFF  # the CRC no longer matches
+    with refused(422, "the zip is corrupt"):
+        parse_archive(io.BytesIO(bytes(data)), LIMITS)

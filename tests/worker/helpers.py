@@ -67,6 +67,8 @@ def settings_env(
         "DMC_JOB_SWEEP_SECONDS": "2",
         "DMC_JOB_PROGRESS_INTERVAL_SECONDS": "0.1",
         "DMC_MAX_IMAGE_SIDE": "64",
+        # Off: with no work_dir the collector would look through the system's temp dir.
+        "DMC_GC_INTERVAL_SECONDS": "0",
     }
     env.update(extra)
     return env
