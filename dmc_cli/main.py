@@ -44,12 +44,15 @@ def db_collect_garbage(
         typer.Option(help="leave blobs younger than this; default DMC_GC_GRACE_SECONDS"),
     ] = None,
 ) -> None:
-    """Delete version blobs and task uploads that no row references (orphans of a crash)."""
+    """Delete version blobs and task uploads that no row references (orphans of a crash);
+    counted with the scheduled collections in /metrics."""
+    from store.garbage import OBJECTS
     from store.service import Store
 
     store = Store.open()
     try:
         removed = store.collect_garbage(grace_seconds=grace_seconds)
+        store.garbage.add(OBJECTS, len(removed))
     finally:
         store.close()
     typer.echo(f"removed {len(removed)} unreferenced objects")

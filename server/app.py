@@ -27,6 +27,7 @@ from server.metrics import Metrics, MetricsMiddleware
 from server.model import Loader, ModelHolder, store_loader
 from server.routers import classes, health, jobs, keys, predict, versions
 from server.settings import ServerSettings
+from store.garbage import GarbageTotal
 from store.service import Store
 from worker.dispatch import Dispatcher
 from worker.dispatchers import make_dispatcher
@@ -193,7 +194,12 @@ def create_app(
         services: Services | None = app.state.services
         return services.store.jobs.counts() if services else {}
 
+    def garbage_totals() -> list[GarbageTotal]:
+        services: Services | None = app.state.services
+        return services.store.garbage.totals() if services else []
+
     metrics.watch_jobs(count_jobs)
+    metrics.watch_garbage(garbage_totals)
     install_handlers(app)
     _mount_dashboard(app, settings)
     for module in (classes, predict, jobs, versions, keys, health):

@@ -4,9 +4,8 @@ parameters (bounded to the database's integer range)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Query, Request, Security
@@ -31,8 +30,6 @@ class Services:
     batcher: Batcher
     metrics: Metrics
     auth: Authenticator
-    # Serialises the duplicate-class check and the submit of POST /classes in this process.
-    submit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def get_services(request: Request) -> Services:

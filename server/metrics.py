@@ -16,10 +16,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from store.garbage import GarbageTotal
 from store.models import JobState
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,45 @@ class _JobsCollector(Collector):
         for state in JobState:
             family.add_metric([state.value], float(counts.get(state.value, 0)))
         return [family]
+
+
+class _GarbageCollector(Collector):
+    """`dmc_garbage_collected_total{kind=...}` and `dmc_garbage_last_run_timestamp_seconds`:
+    what the scheduled garbage collection of every worker removed (read from the database
+    at scrape time)."""
+
+    def __init__(self, totals: Callable[[], Iterable[GarbageTotal]]) -> None:
+        self.totals = totals
+
+    def _families(self) -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        return (
+            CounterMetricFamily(
+                "dmc_garbage_collected",
+                "Objects and scratch folders removed by the scheduled garbage collection.",
+                labels=["kind"],
+            ),
+            GaugeMetricFamily(
+                "dmc_garbage_last_run_timestamp_seconds",
+                "When the garbage collection of each kind last ran (Unix time).",
+                labels=["kind"],
+            ),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families())
+
+    def collect(self) -> Iterable[Metric]:
+        collected, last_run = self._families()
+        try:
+            totals = list(self.totals())
+        except Exception as exc:
+            log.warning("reading the garbage counts for /metrics failed: %s", exc)
+            return []
+        for row in totals:
+            collected.add_metric([row.kind], float(row.total))
+            if row.last_run_at is not None:
+                last_run.add_metric([row.kind], row.last_run_at.timestamp())
+        return [collected, last_run]
 
 
 class Metrics:
@@ -104,6 +144,9 @@ class Metrics:
 
     def watch_jobs(self, count: Callable[[], Mapping[str, int]]) -> None:
         self.registry.register(_JobsCollector(count))
+
+    def watch_garbage(self, totals: Callable[[], Iterable[GarbageTotal]]) -> None:
+        self.registry.register(_GarbageCollector(totals))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -73,6 +73,14 @@ class ServerSettings(WorkerSettings):
     # How long a dashboard sign-in lasts.
     session_max_age_seconds: int = Field(default=8 * 3600, ge=60)
 
+    # --- archive uploads -------------------------------------------------------------
+    # Entries an uploaded archive may list (folders and skipped files included); a longer
+    # listing is refused (413) before it is read whole.
+    max_archive_entries: int = Field(default=25_000, ge=1)
+    # Bytes of one uploaded image; an archive entry declared (or found) larger is
+    # refused (413) before (or while) it is unpacked.
+    max_image_bytes: int = Field(default=64 * MIB, ge=1)
+
     @model_validator(mode="after")
     def _server_checks(self) -> Self:
         if not self.auth_enabled and self.dispatcher != "embedded":

@@ -8,6 +8,8 @@ status and a message that says what to fix.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import io
 import re
@@ -15,19 +17,22 @@ import stat
 import tarfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 from server.errors import UploadError
 from server.images import check_image
 from server.settings import ServerSettings
+from server.zip_listing import count_zip_entries
 from store.names import class_name_problem, normalize_class_name
-from store.uploads import UploadedImage
+from store.uploads import ImageStream
 
 # Files that archivers and desktops add; they are skipped, not refused.
 _JUNK_NAMES = frozenset({"__MACOSX", "Thumbs.db", "desktop.ini"})
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _LISTED = 3
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,8 @@ class UploadLimits:
     max_images: int
     max_class_name_length: int
     min_images_per_class: int
+    max_archive_entries: int
+    max_image_bytes: int
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> UploadLimits:
@@ -46,6 +53,8 @@ class UploadLimits:
             max_images=settings.max_upload_images,
             max_class_name_length=settings.max_class_name_length,
             min_images_per_class=settings.min_images_per_class,
+            max_archive_entries=settings.max_archive_entries,
+            max_image_bytes=settings.max_image_bytes,
         )
 
 
@@ -70,28 +79,87 @@ class _Entry:
     class_name: str
     filename: str
     ref: Any
+    # Filled in when the entry has been checked.
+    sha256: str | None = None
+
+
+# Opens an entry's bytes as a stream (read in chunks, never whole).
+OpenEntry = Callable[[Any], AbstractContextManager[IO[bytes]]]
 
 
 @dataclass
 class ParsedUpload:
     """A validated upload: its classes (sorted; the learner's label order) with image
-    counts, a digest of its content, and its images, read again when they are stored."""
+    counts, a digest of its content, and its images, streamed again when they are stored."""
 
     class_names: tuple[str, ...]
     image_counts: tuple[int, ...]
     digest: str
     entries: list[_Entry] = field(repr=False)
-    read: Callable[[Any], bytes] = field(repr=False)
+    open_entry: OpenEntry = field(repr=False)
 
-    def images(self) -> Iterator[UploadedImage]:
+    def images(self) -> Iterator[ImageStream]:
         for entry in self.entries:
-            yield UploadedImage(entry.class_name, entry.filename, self.read(entry.ref))
+            yield ImageStream(
+                entry.class_name,
+                entry.filename,
+                functools.partial(self.open_entry, entry.ref),
+                sha256=entry.sha256,
+            )
+
+
+def _too_large(what: str, limit: int, setting: str) -> UploadError:
+    return UploadError(
+        413, f"{what} over {limit} bytes ({setting}); split the upload into several tasks"
+    )
+
+
+class _Budget:
+    """The byte limits of an upload: per image (DMC_MAX_IMAGE_BYTES) and in all
+    (DMC_MAX_EXTRACTED_BYTES), checked on declared sizes and again as bytes arrive."""
+
+    def __init__(self, limits: UploadLimits) -> None:
+        self.limits = limits
+        self.used = 0
+
+    def declare(self, size: int, name: str) -> None:
+        """An entry's size from the archive's listing, before it is unpacked."""
+        self.check_entry(size, name)
+        self.used += size
+        self.check_total()
+
+    def check_entry(self, size: int, name: str) -> None:
+        if size > self.limits.max_image_bytes:
+            raise _too_large(
+                f"{name} unpacks to", self.limits.max_image_bytes, "DMC_MAX_IMAGE_BYTES"
+            )
+
+    def check_total(self) -> None:
+        if self.used > self.limits.max_extracted_bytes:
+            raise _too_large(
+                "the images add up to", self.limits.max_extracted_bytes, "DMC_MAX_EXTRACTED_BYTES"
+            )
+
+    def read(self, stream: IO[bytes], name: str) -> bytes:
+        """The entry's bytes, refused as soon as they go over either limit."""
+        data = bytearray()
+        while chunk := stream.read(_CHUNK):
+            data += chunk
+            self.used += len(chunk)
+            self.check_entry(len(data), name)
+            self.check_total()
+        return bytes(data)
 
 
 def _finish(
-    entries: list[_Entry], read: Callable[[Any], bytes], limits: UploadLimits, empty: set[str]
+    entries: list[_Entry],
+    open_entry: OpenEntry,
+    limits: UploadLimits,
+    empty: set[str],
+    kind: str = "upload",
 ) -> ParsedUpload:
-    """Check counts, then every image; compute the digest."""
+    """Check counts, then every image; compute the digest. A `kind` (zip, tar) that cannot
+    be read is said to be corrupt."""
     if empty:
         listed = ", ".join(repr(n) for n in sorted(empty)[:_LISTED])
         raise UploadError(
@@ -117,28 +185,23 @@ def _finish(
             f"every class needs at least {limits.min_images_per_class} images "
             f"(DMC_MIN_IMAGES_PER_CLASS): {listed}",
         )
-    total = 0
+    budget = _Budget(limits)
     digests: list[str] = []
     for entry in entries:
-        data = read(entry.ref)
-        total += len(data)
-        if total > limits.max_extracted_bytes:
-            raise UploadError(
-                413,
-                f"the images add up to more than {limits.max_extracted_bytes} bytes "
-                "(DMC_MAX_EXTRACTED_BYTES); split the upload into several tasks",
-            )
-        check_image(
-            data, f"image {entry.filename!r} (class {entry.class_name!r})", limits.max_image_pixels
-        )
-        digests.append(f"{entry.class_name}\x00{hashlib.sha256(data).hexdigest()}")
+        name = f"image {entry.filename!r} (class {entry.class_name!r})"
+        with _unpacking(entry.filename, kind), open_entry(entry.ref) as stream:
+            data = budget.read(stream, name)
+        check_image(data, name, limits.max_image_pixels)
+        entry.sha256 = hashlib.sha256(data).hexdigest()
+        del data
+        digests.append(f"{entry.class_name}\x00{entry.sha256}")
     digest = hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
     return ParsedUpload(
         class_names=names,
         image_counts=tuple(counts[n] for n in names),
         digest=digest,
         entries=entries,
-        read=read,
+        open_entry=open_entry,
     )
 
 
@@ -163,12 +226,12 @@ def parse_labelled_files(
         )
         entries.append(_Entry(name, filename or f"image-{index + 1}", index))
 
-    def read(ref: Any) -> bytes:
+    def open_file(ref: Any) -> AbstractContextManager[IO[bytes]]:
         stream = files[int(ref)][1]
         stream.seek(0)
-        return stream.read()
+        return contextlib.nullcontext(stream)  # the form closes its files
 
-    return _finish(entries, read, limits, empty=set())
+    return _finish(entries, open_file, limits, empty=set())
 
 
 # --- archives ---------------------------------------------------------------------------
@@ -232,20 +295,30 @@ def _layout(
     return entries, empty
 
 
-def _read_limited(stream: IO[bytes], limit: int, what: str) -> bytes:
-    data = stream.read(limit + 1)
-    if len(data) > limit:
+def _listing_too_long(limits: UploadLimits) -> UploadError:
+    return UploadError(
+        413,
+        f"the archive lists more than {limits.max_archive_entries} entries (files and "
+        "folders; DMC_MAX_ARCHIVE_ENTRIES); split it into several tasks",
+    )
+
+
+@contextlib.contextmanager
+def _unpacking(name: str, kind: str) -> Iterator[None]:
+    """An archive's read errors, as the 422 that says the archive is corrupt (only while
+    an entry is checked: errors of the object store, later, are not the upload's)."""
+    try:
+        yield
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, OSError, EOFError) as exc:
         raise UploadError(
-            413,
-            f"{what} unpacks to more than {limit} bytes (DMC_MAX_EXTRACTED_BYTES); split the "
-            "upload into several tasks",
-        )
-    return data
+            422, f"archive entry {name!r} cannot be unpacked ({exc}); the {kind} is corrupt"
+        ) from exc
 
 
 def _parse_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> ParsedUpload:
     files: list[tuple[tuple[str, ...], Any]] = []
     dirs: set[tuple[str, ...]] = set()
+    declared = _Budget(limits)
     for info in archive.infolist():
         parts = _entry_parts(info.filename)
         if not parts or _is_junk(parts):
@@ -261,29 +334,28 @@ def _parse_zip(archive: zipfile.ZipFile, limits: UploadLimits) -> ParsedUpload:
             raise UploadError(
                 422, f"archive entry {info.filename!r} is encrypted; upload an unencrypted archive"
             )
+        # `zipfile` never unpacks more than an entry's declared size.
+        declared.declare(info.file_size, f"archive entry {info.filename!r}")
         files.append((parts, info))
         dirs.update(parts[:i] for i in range(1, len(parts)))
     entries, empty = _layout(files, dirs, limits)
 
-    def read(ref: Any) -> bytes:
-        try:
-            with archive.open(ref) as stream:
-                return _read_limited(stream, limits.max_extracted_bytes, f"entry {ref.filename!r}")
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
-            raise UploadError(
-                422,
-                f"archive entry {ref.filename!r} cannot be unpacked ({exc}); the zip is corrupt",
-            ) from exc
+    def open_entry(ref: Any) -> AbstractContextManager[IO[bytes]]:
+        return archive.open(ref)
 
-    return _finish(entries, read, limits, empty)
+    return _finish(entries, open_entry, limits, empty, "zip")
 
 
 def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
     files: list[tuple[tuple[str, ...], Any]] = []
     dirs: set[tuple[str, ...]] = set()
-    declared = 0
+    declared = _Budget(limits)
+    listed = 0
     try:
         for member in archive:
+            listed += 1
+            if listed > limits.max_archive_entries:
+                raise _listing_too_long(limits)
             parts = _entry_parts(member.name)
             if not parts or _is_junk(parts):
                 continue
@@ -298,13 +370,7 @@ def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
                 raise UploadError(
                     422, f"archive entry {member.name!r} is not a regular file; archive images only"
                 )
-            declared += member.size
-            if declared > limits.max_extracted_bytes:
-                raise UploadError(
-                    413,
-                    f"the archive unpacks to more than {limits.max_extracted_bytes} bytes "
-                    "(DMC_MAX_EXTRACTED_BYTES); split the upload into several tasks",
-                )
+            declared.declare(member.size, f"archive entry {member.name!r}")
             if len(files) >= limits.max_images:
                 raise UploadError(
                     413,
@@ -317,19 +383,13 @@ def _parse_tar(archive: tarfile.TarFile, limits: UploadLimits) -> ParsedUpload:
         raise UploadError(422, f"the tar archive is corrupt or truncated: {exc}") from exc
     entries, empty = _layout(files, dirs, limits)
 
-    def read(ref: Any) -> bytes:
-        try:
-            stream = archive.extractfile(ref)
-            if stream is None:
-                raise UploadError(422, f"archive entry {ref.name!r} cannot be read")
-            with stream:
-                return _read_limited(stream, limits.max_extracted_bytes, f"entry {ref.name!r}")
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise UploadError(
-                422, f"archive entry {ref.name!r} cannot be unpacked ({exc}); the tar is corrupt"
-            ) from exc
+    def open_entry(ref: Any) -> AbstractContextManager[IO[bytes]]:
+        stream = archive.extractfile(ref)
+        if stream is None:
+            raise UploadError(422, f"archive entry {ref.name!r} cannot be read")
+        return stream
 
-    return _finish(entries, read, limits, empty)
+    return _finish(entries, open_entry, limits, empty, "tar")
 
 
 def parse_archive(stream: IO[bytes], limits: UploadLimits) -> ParsedUpload:
@@ -341,6 +401,9 @@ def parse_archive(stream: IO[bytes], limits: UploadLimits) -> ParsedUpload:
     if size == 0:
         raise UploadError(422, "the archive is empty (0 bytes)")
     if zipfile.is_zipfile(stream):
+        listed = count_zip_entries(stream, limits.max_archive_entries)
+        if listed is not None and listed > limits.max_archive_entries:
+            raise _listing_too_long(limits)
         stream.seek(0)
         try:
             return _parse_zip(zipfile.ZipFile(stream), limits)

@@ -4,6 +4,7 @@ blobs in an object store (local folder or S3), and the version registry."""
 from store.api_keys import ApiKeyInfo, ApiKeys
 from store.db import Database, make_engine, upgrade_database
 from store.errors import (
+    ClassesTakenError,
     DuplicateClassError,
     IdempotencyConflictError,
     JobNotFoundError,
@@ -35,6 +36,7 @@ __all__ = [
     "ApiKeyInfo",
     "ApiKeys",
     "ClassRow",
+    "ClassesTakenError",
     "Database",
     "DuplicateClassError",
     "IdempotencyConflictError",

@@ -44,6 +44,21 @@ class DuplicateClassError(StoreError):
         super().__init__(f"these classes already exist: {', '.join(self.names)}")
 
 
+class ClassesTakenError(DuplicateClassError):
+    """A new task brings class names that a version has learned or a queued task brings."""
+
+    def __init__(self, learned: Iterable[str], pending: dict[str, int]) -> None:
+        self.learned = sorted(set(learned))
+        self.pending = dict(sorted(pending.items()))
+        super().__init__([*self.learned, *self.pending])
+        parts = [f"{n!r} (learned)" for n in self.learned]
+        parts += [f"{n!r} (queued in task {t})" for n, t in self.pending.items()]
+        self.args = (
+            f"these classes already exist: {', '.join(parts)}; class names are unique, so "
+            "upload these images under new names (GET /classes lists the taken ones)",
+        )
+
+
 class ObjectNotFoundError(StoreError, LookupError):
     def __init__(self, key: str) -> None:
         super().__init__(f"no object at {key!r}")

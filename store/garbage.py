@@ -1,13 +1,20 @@
-"""Removal of blobs that no row references (orphans of a crash, a failed write or a delete)."""
+"""Removal of blobs that no row references (orphans of a crash, a failed write or a delete),
+and the database's record of what the scheduled collections removed (`GarbageLedger`)."""
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections import defaultdict
 from collections.abc import Callable
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from store.models import utcnow
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from store.db import Database
+from store.models import GarbageCount, utcnow
 from store.objects import ObjectInfo, ObjectStore
 
 log = logging.getLogger(__name__)
@@ -61,3 +68,57 @@ def collect_unreferenced_objects(
         objects.delete_many(garbage)
         log.info("garbage collector removed %d unreferenced object(s) in %s", len(garbage), prefix)
     return garbage
+
+
+# The kinds of garbage the scheduled collection counts.
+OBJECTS = "objects"
+SCRATCH_FOLDERS = "scratch_folders"
+
+
+@dataclass(frozen=True)
+class GarbageTotal:
+    kind: str
+    total: int
+    last_run_at: datetime | None
+
+
+class GarbageLedger:
+    """What the scheduled collections removed, in the database, so that every replica's
+    /metrics reports the collections of every worker; and who collects the object store
+    next (one process per interval)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def claim(self, kind: str, interval_seconds: float) -> bool:
+        """Whether this process collects `kind` now: True, and recorded as its latest run,
+        unless a collection of it started less than `interval_seconds` ago anywhere."""
+        now = utcnow()
+        with self.db.write() as session:
+            row = self._locked_row(session, kind)
+            if row.last_run_at is not None and row.last_run_at > now - timedelta(
+                seconds=interval_seconds
+            ):
+                return False
+            row.last_run_at = now
+            return True
+
+    def add(self, kind: str, count: int) -> None:
+        """Record that a collection of `kind` removed `count` things (just now)."""
+        with self.db.write() as session:
+            row = self._locked_row(session, kind)
+            row.total += count
+            row.last_run_at = utcnow()
+
+    def totals(self) -> builtins.list[GarbageTotal]:
+        with self.db.read() as session:
+            rows = session.scalars(select(GarbageCount).order_by(GarbageCount.kind))
+            return [GarbageTotal(r.kind, r.total, r.last_run_at) for r in rows]
+
+    def _locked_row(self, session: Session, kind: str) -> GarbageCount:
+        self.db.lock_table(session, GarbageCount.__tablename__)
+        row = session.get(GarbageCount, kind)
+        if row is None:
+            row = GarbageCount(kind=kind, total=0, last_run_at=None)
+            session.add(row)
+        return row

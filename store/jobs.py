@@ -12,11 +12,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import exists, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from store.db import Database
-from store.errors import IdempotencyConflictError, JobNotFoundError, VersionNotFoundError
+from store.errors import (
+    ClassesTakenError,
+    IdempotencyConflictError,
+    JobNotFoundError,
+    VersionNotFoundError,
+)
 from store.job_rows import (
     JobInfo,
     Progress,
@@ -27,7 +31,7 @@ from store.job_rows import (
 )
 from store.leases import JobLeases
 from store.models import PENDING_STATES, Job, JobState, Task, Version, utcnow
-from store.tasks import TaskInfo, Tasks, task_info, validate_task
+from store.tasks import TaskInfo, Tasks, taken_names, task_info, validate_task
 
 __all__ = ["JobInfo", "Jobs", "Progress", "Submission", "TaskInfo"]
 
@@ -55,51 +59,56 @@ class Jobs(JobLeases):
         idempotency_key: str | None = None,
         activate: bool = True,
         payload_digest: str | None = None,
+        refuse_taken_classes: bool = False,
     ) -> Submission:
         """Record a task (one upload) and its queued job.
 
         With an `idempotency_key` seen before, returns the earlier task and job
         (`created=False`), or raises `IdempotencyConflictError` if the classes, image
-        counts or (when both were recorded) `payload_digest`s differ. `activate=False` asks
-        that the version learned from it is published but not made `active`.
+        counts or (when both were recorded) `payload_digest`s differ. With
+        `refuse_taken_classes`, a class that a version learned or a queued task brings is
+        `ClassesTakenError`, checked after the key, so a replay is never refused.
+        `activate=False` asks that the version learned from it is published but not made
+        `active`.
+
+        The key lookup, the class check and the insert are one transaction, and
+        submitters take turns (a lock on the tasks table), so concurrent submissions of
+        one key from any number of processes all get the first one's answer.
         """
         names, counts = validate_task(class_names, image_counts, idempotency_key)
         if payload_digest is not None and not 1 <= len(payload_digest) <= 64:
             raise ValueError("a payload digest is 1 to 64 characters (a sha256 in hex)")
-        if idempotency_key is not None:
-            earlier = self.replay(idempotency_key, names, counts, payload_digest)
-            if earlier is not None:
-                return earlier
-        try:
-            with self.db.write() as session:
-                task = Task(
-                    idempotency_key=idempotency_key,
-                    class_names=list(names),
-                    image_counts=list(counts),
-                    uploads_location=uploads_location,
-                    created_at=utcnow(),
-                    activate=bool(activate),
-                    payload_digest=payload_digest,
-                )
-                session.add(task)
-                session.flush()
-                job = Job(
-                    task_id=task.id,
-                    state=JobState.QUEUED,
-                    progress=Progress().as_json(),
-                    attempts=0,
-                    created_at=utcnow(),
-                )
-                session.add(job)
-                session.flush()
-                return Submission(task_info(task), job_info(job), created=True)
-        except IntegrityError:
-            # Another request with the same key committed first.
+        with self.db.write() as session:
+            self.db.lock_table(session, Task.__tablename__)
             if idempotency_key is not None:
-                earlier = self.replay(idempotency_key, names, counts, payload_digest)
+                earlier = _replay(session, idempotency_key, names, counts, payload_digest)
                 if earlier is not None:
                     return earlier
-            raise
+            if refuse_taken_classes:
+                learned, pending = taken_names(session, names)
+                if learned or pending:
+                    raise ClassesTakenError(learned, pending)
+            task = Task(
+                idempotency_key=idempotency_key,
+                class_names=list(names),
+                image_counts=list(counts),
+                uploads_location=uploads_location,
+                created_at=utcnow(),
+                activate=bool(activate),
+                payload_digest=payload_digest,
+            )
+            session.add(task)
+            session.flush()
+            job = Job(
+                task_id=task.id,
+                state=JobState.QUEUED,
+                progress=Progress().as_json(),
+                attempts=0,
+                created_at=utcnow(),
+            )
+            session.add(job)
+            session.flush()
+            return Submission(task_info(task), job_info(job), created=True)
 
     def replay(
         self,
@@ -111,21 +120,26 @@ class Jobs(JobLeases):
         """The task and newest job of idempotency key `key` (None if the key is new);
         `IdempotencyConflictError` if that task has other classes, image counts or (when
         both were recorded) images."""
-        names, counts = tuple(names), tuple(counts)
         with self.db.read() as session:
-            task = session.scalar(select(Task).where(Task.idempotency_key == key))
-            if task is None:
-                return None
-            if tuple(task.class_names) != names or tuple(task.image_counts) != counts:
-                raise IdempotencyConflictError(key, task.id)
-            if None not in (digest, task.payload_digest) and digest != task.payload_digest:
-                raise IdempotencyConflictError(key, task.id)
-            job = session.scalar(
-                select(Job).where(Job.task_id == task.id).order_by(Job.id.desc()).limit(1)
-            )
-            if job is None:
-                raise RuntimeError(f"task {task.id} has no job")
-            return Submission(task_info(task), job_info(job), created=False)
+            return _replay(session, key, tuple(names), tuple(counts), digest)
+
+    def precheck(
+        self, key: str | None, names: Sequence[str], counts: Sequence[int], digest: str | None
+    ) -> Submission | None:
+        """What `submit(..., refuse_taken_classes=True)` would answer without storing
+        anything: the earlier submission of `key`, None for a new task, or the errors.
+        A cheap check before the uploads are saved; `submit` decides for good."""
+        with self.db.read() as session:
+            # Classes first, key second: a submission of this key that commits in between
+            # is then seen by the key lookup, and is replayed rather than refused.
+            learned, pending = taken_names(session, names)
+            if key is not None:
+                earlier = _replay(session, key, tuple(names), tuple(counts), digest)
+                if earlier is not None:
+                    return earlier
+        if learned or pending:
+            raise ClassesTakenError(learned, pending)
+        return None
 
     def get(self, job_id: int) -> JobInfo:
         with self.db.read() as session:
@@ -170,6 +184,7 @@ class Jobs(JobLeases):
             job.attempts += 1
             job.started_at = utcnow()
             job.error = None
+            job.progress = Progress().as_json()
             session.flush()
             return job_info(job)
 
@@ -228,3 +243,23 @@ class Jobs(JobLeases):
             job.lease_expires_at = None
             session.flush()
             return job_info(job)
+
+
+def _replay(
+    session: Session,
+    key: str,
+    names: tuple[str, ...],
+    counts: tuple[int, ...],
+    digest: str | None,
+) -> Submission | None:
+    task = session.scalar(select(Task).where(Task.idempotency_key == key))
+    if task is None:
+        return None
+    if tuple(task.class_names) != names or tuple(task.image_counts) != counts:
+        raise IdempotencyConflictError(key, task.id)
+    if None not in (digest, task.payload_digest) and digest != task.payload_digest:
+        raise IdempotencyConflictError(key, task.id)
+    job = session.scalar(select(Job).where(Job.task_id == task.id).order_by(Job.id.desc()).limit(1))
+    if job is None:
+        raise RuntimeError(f"task {task.id} has no job")
+    return Submission(task_info(task), job_info(job), created=False)

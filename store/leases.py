@@ -12,6 +12,7 @@ from store.db import Database
 from store.errors import JobNotFoundError
 from store.job_rows import (
     JobInfo,
+    Progress,
     apply_progress,
     job_info,
     locked_job,
@@ -55,6 +56,9 @@ class JobLeases:
             job.error = None
             job.lease_expires_at = now + timedelta(seconds=lease_seconds)
             job.worker = worker[:MAX_NAME_LENGTH]
+            # A run again (its runner died or stopped) starts from nothing, not from the
+            # progress of the run before.
+            job.progress = Progress().as_json()
             session.flush()
             return job_info(job)
 

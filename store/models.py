@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Dialect,
@@ -194,3 +195,15 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class GarbageCount(Base):
+    """What the scheduled garbage collection removed, by kind, over all processes."""
+
+    __tablename__ = "garbage_counts"
+
+    # "objects" (unreferenced blobs and uploads) or "scratch_folders" (`dmc-job-*`).
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, default=0)
+    # When the latest collection of this kind ran (anywhere).
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

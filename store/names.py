@@ -11,6 +11,9 @@ from __future__ import annotations
 import unicodedata
 
 MAX_NAME_LENGTH = 200
+# Unicode categories refused in a name: every "C" (control, format, ...) and the line and
+# paragraph separators (U+2028, U+2029), which break a line as a control character does.
+_REFUSED_CATEGORIES = ("Zl", "Zp")
 
 
 def normalize_class_name(raw: str) -> str:
@@ -20,7 +23,8 @@ def normalize_class_name(raw: str) -> str:
 
 def class_name_problem(name: str, max_length: int = MAX_NAME_LENGTH) -> str | None:
     """Why `name` is not a valid class name (a sentence that says what to fix), or None:
-    a name is not blank, at most `max_length` characters and holds no control characters."""
+    a name is not blank, at most `max_length` characters and holds no control characters
+    (nor line or paragraph separators)."""
     if not name.strip():
         return "the class name is empty; give every class a name"
     if len(name) > max_length:
@@ -28,6 +32,10 @@ def class_name_problem(name: str, max_length: int = MAX_NAME_LENGTH) -> str | No
             f"the class name {name[:40]!r}... is {len(name)} characters; at most "
             f"{max_length} are allowed"
         )
-    if any(unicodedata.category(c)[0] == "C" for c in name):
+    if any(_refused(unicodedata.category(c)) for c in name):
         return f"the class name {name!r} holds control characters; remove them"
     return None
+
+
+def _refused(category: str) -> bool:
+    return category[0] == "C" or category in _REFUSED_CATEGORIES

@@ -80,6 +80,11 @@ class ObjectStore(ABC):
         """Store the file at `path` under `key` and return its sha256."""
 
     @abstractmethod
+    def put_stream(self, key: str, stream: IO[bytes]) -> str:
+        """Store what `stream` yields, read in chunks (never whole), under `key`; return
+        its sha256."""
+
+    @abstractmethod
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes: ...
 
     def get_file(self, key: str, dest: Path, *, sha256: str | None = None) -> str:
@@ -136,7 +141,7 @@ class LocalObjectStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
-    def _write(self, key: str, source: bytes | Path) -> str:
+    def _write(self, key: str, source: bytes | Path | IO[bytes]) -> str:
         target = self._path(key)
         for attempt in range(2):
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,11 +161,11 @@ class LocalObjectStore(ObjectStore):
                 if isinstance(source, bytes):
                     out.write(source)
                     digest.update(source)
-                else:
+                elif isinstance(source, Path):
                     with source.open("rb") as src:
-                        while chunk := src.read(_CHUNK):
-                            out.write(chunk)
-                            digest.update(chunk)
+                        _copy(src, out, digest)
+                else:
+                    _copy(source, out, digest)
                 out.flush()
                 # The row that references this blob is committed right after; the blob
                 # must survive a power cut as well as the row does.
@@ -177,6 +182,9 @@ class LocalObjectStore(ObjectStore):
 
     def put_file(self, key: str, path: Path) -> str:
         return self._write(key, Path(path))
+
+    def put_stream(self, key: str, stream: IO[bytes]) -> str:
+        return self._write(key, stream)
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         try:
@@ -226,6 +234,12 @@ class LocalObjectStore(ObjectStore):
             except OSError:
                 break
             parent = parent.parent
+
+
+def _copy(source: IO[bytes], sink: IO[bytes], digest: Any) -> None:
+    while chunk := source.read(_CHUNK):
+        sink.write(chunk)
+        digest.update(chunk)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -310,6 +324,21 @@ class S3ObjectStore(ObjectStore):
             str(path), self.bucket, self._full(key), ExtraArgs={"Metadata": {"sha256": digest}}
         )
         return digest
+
+    def put_stream(self, key: str, stream: IO[bytes]) -> str:
+        # The digest goes into the object's metadata, so it is needed before the upload:
+        # spool the stream (to disk past a few chunks) while hashing it.
+        digest = hashlib.sha256()
+        with tempfile.SpooledTemporaryFile(max_size=4 * _CHUNK) as spool:
+            _copy(stream, spool, digest)
+            spool.seek(0)
+            self.client.upload_fileobj(
+                spool,
+                self.bucket,
+                self._full(key),
+                ExtraArgs={"Metadata": {"sha256": digest.hexdigest()}},
+            )
+        return digest.hexdigest()
 
     def get_bytes(self, key: str, *, sha256: str | None = None) -> bytes:
         from botocore.exceptions import ClientError

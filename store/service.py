@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from store.api_keys import ApiKeys
 from store.db import Database, upgrade_database
+from store.garbage import GarbageLedger
 from store.jobs import Jobs
 from store.objects import ObjectStore, make_object_store
 from store.registry import Registry
@@ -24,6 +25,7 @@ class Store:
     tasks: Tasks
     uploads: TaskUploads
     api_keys: ApiKeys
+    garbage: GarbageLedger
 
     @classmethod
     def open(
@@ -54,6 +56,7 @@ class Store:
                 gc_grace_seconds=settings.gc_grace_seconds,
             ),
             api_keys=ApiKeys(db),
+            garbage=GarbageLedger(db),
         )
 
     def collect_garbage(self, *, grace_seconds: float | None = None) -> list[str]:

@@ -80,11 +80,16 @@ class Tasks:
     def taken_class_names(self, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
         """Of `names`: those a version has learned, and those a queued task brings
         (-> task id)."""
-        wanted = list(names)
         with self.db.read() as session:
-            learned = learned_names(session, wanted)
-            pending = {n: t for n, t in _pending_classes(session).items() if n in set(wanted)}
-        return sorted(learned), pending
+            return taken_names(session, names)
+
+
+def taken_names(session: Session, names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    """`Tasks.taken_class_names` in the caller's transaction."""
+    wanted = set(names)
+    learned = learned_names(session, sorted(wanted))
+    pending = {n: t for n, t in _pending_classes(session).items() if n in wanted}
+    return sorted(learned), pending
 
 
 def learned_names(session: Session, names: Sequence[str]) -> list[str]:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
-from store.errors import StoreError
+from store.errors import ObjectIntegrityError, StoreError
 from store.garbage import collect_unreferenced
 from store.jobs import Jobs
 from store.objects import ObjectStore, fresh_prefix
@@ -26,6 +27,17 @@ class UploadedImage:
     data: bytes
 
 
+@dataclass(frozen=True)
+class ImageStream:
+    """An image to save, streamed to the object store from `open()` (never read whole);
+    with `sha256`, the stored bytes must have that digest (`ObjectIntegrityError`)."""
+
+    class_name: str
+    filename: str
+    open: Callable[[], AbstractContextManager[IO[bytes]]]
+    sha256: str | None = None
+
+
 class TaskUploads:
     def __init__(
         self,
@@ -40,7 +52,7 @@ class TaskUploads:
         self.keep_uploads = keep_uploads
         self.gc_grace_seconds = gc_grace_seconds
 
-    def save(self, images: Iterable[UploadedImage]) -> str:
+    def save(self, images: Iterable[UploadedImage | ImageStream]) -> str:
         """Store the images under a fresh prefix and return it (the task's uploads location).
 
         Save before `Jobs.submit`, so a job never starts without its images.
@@ -50,7 +62,13 @@ class TaskUploads:
         try:
             for index, image in enumerate(images):
                 key = f"{location}images/{index:06d}"
-                digest = self.objects.put_bytes(key, image.data)
+                if isinstance(image, UploadedImage):
+                    digest = self.objects.put_bytes(key, image.data)
+                else:
+                    with image.open() as stream:
+                        digest = self.objects.put_stream(key, stream)
+                    if image.sha256 is not None and digest != image.sha256:
+                        raise ObjectIntegrityError(key, image.sha256, digest)
                 entries.append(
                     {
                         "class_name": image.class_name,

@@ -34,6 +34,7 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from store.models import JobState
 from store.service import Store
 from worker.dispatch import Dispatcher
+from worker.garbage import GarbageSchedule
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -158,12 +159,17 @@ class WorkerRuntime:
 
     def _sweep(self) -> None:
         """Wake the workers when jobs wait that nobody announced (a lost message, a dead
-        worker's job), unless this worker is busy with them anyway."""
+        worker's job), unless this worker is busy with them anyway; and collect garbage
+        when it is due (`worker.garbage`), at the first pass too."""
+        garbage = None
         while not self._halt.wait(self.settings.job_sweep_seconds):
             try:
                 runner = self.runner
                 if not runner.busy and runner.store.jobs.has_pending():
                     self.announce(None)
+                if garbage is None:
+                    garbage = GarbageSchedule(runner.store, self.settings)
+                garbage.run_if_due()
             except Exception as error:
                 log.warning("sweep failed: %s", error)
 

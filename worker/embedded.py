@@ -8,6 +8,7 @@ import threading
 
 from store.service import Store
 from worker.dispatch import Dispatcher
+from worker.garbage import GarbageSchedule
 from worker.jobs import JobRunner
 from worker.settings import WorkerSettings
 
@@ -22,6 +23,7 @@ class EmbeddedDispatcher(Dispatcher):
         self.settings = settings
         self.runner = runner or JobRunner(store, settings)
         self._stop = self.runner.stop
+        self.garbage = GarbageSchedule(store, settings)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._guard = threading.Lock()
@@ -57,7 +59,7 @@ class EmbeddedDispatcher(Dispatcher):
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self.settings.job_sweep_seconds)
+            self._wake.wait(min(self.settings.job_sweep_seconds, self._to_garbage()))
             self._wake.clear()
             if self._stop.is_set():
                 break
@@ -66,3 +68,8 @@ class EmbeddedDispatcher(Dispatcher):
             except Exception:
                 log.exception("the job thread hit an error; it goes on")
                 self._stop.wait(1.0)
+            self.garbage.run_if_due()
+
+    def _to_garbage(self) -> float:
+        wait = self.garbage.seconds_to_next
+        return float("inf") if wait is None else wait

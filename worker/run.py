@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from worker.errors import (
     VersionMismatchError,
     WorkerStoppingError,
 )
+from worker.garbage import Scratch
 from worker.heartbeat import Heartbeat, ProgressWriter
 from worker.images import decode_task_images
 from worker.locking import LockLostError, UpdateLock
@@ -95,7 +95,8 @@ class JobExecutor:
             heartbeat=heartbeat,
             stop=self.stop,
         )
-        workdir = Path(tempfile.mkdtemp(prefix=f"dmc-job-{job.id}-", dir=self.settings.work_dir))
+        scratch = Scratch(job.id, self.settings.work_dir)
+        workdir = scratch.path
         heartbeat.start()
         try:
             version = self._learn(job, progress, workdir)
@@ -123,7 +124,7 @@ class JobExecutor:
             return self._fail(job, attempt, message)
         finally:
             heartbeat.halt()
-            shutil.rmtree(workdir, ignore_errors=True)
+            scratch.remove()
             _free_memory()
         log.info("job %d succeeded: version %d", job.id, version.id)
         release_uploads(self.store, job.task_id)

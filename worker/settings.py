@@ -64,6 +64,9 @@ class WorkerSettings(StoreSettings):
     job_progress_interval_seconds: float = Field(default=1.0, ge=0)
     # A job whose runner died this many times is failed instead of run again.
     job_max_attempts: int = Field(default=3, ge=1)
+    # How often the workers collect what crashes leave (unreferenced objects older than
+    # DMC_GC_GRACE_SECONDS, `dmc-job-*` scratch folders of dead runs); 0: never.
+    gc_interval_seconds: float = Field(default=600.0, ge=0)
 
     @field_validator("learner_overrides")
     @classmethod

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Header, Request, Response
 from pydantic import TypeAdapter, ValidationError
 from starlette.datastructures import FormData, UploadFile
 
-from server.dependencies import AdminAccess, ReadAccess, Services, ServicesDep
+from server.dependencies import AdminAccess, ReadAccess, ServicesDep
 from server.errors import UploadError, error, responses
 from server.schemas import ClassOut, SubmissionOut, links
 from server.uploads import (
@@ -22,7 +22,6 @@ from server.uploads import (
     parse_archive,
     parse_labelled_files,
 )
-from store.jobs import Submission
 from store.names import MAX_NAME_LENGTH
 
 log = logging.getLogger(__name__)
@@ -73,26 +72,6 @@ def _parse(
         "send an `archive` file (zip or tar with one folder per class) or `images` files "
         "with one `labels` field each",
     )
-
-
-def _check(services: Services, key: str | None, parsed: ParsedUpload) -> Submission | None:
-    """The earlier submission of `key` (a replay), or None after checking that no class
-    of the upload is learned or queued already (409 otherwise)."""
-    store = services.store
-    if key is not None:
-        earlier = store.jobs.replay(key, parsed.class_names, parsed.image_counts, parsed.digest)
-        if earlier is not None:
-            return earlier
-    learned, pending = store.tasks.taken_class_names(parsed.class_names)
-    if learned or pending:
-        parts = [f"{n!r} (learned)" for n in learned]
-        parts += [f"{n!r} (queued in task {t})" for n, t in sorted(pending.items())]
-        raise error(
-            409,
-            f"these classes already exist: {', '.join(parts)}; class names are unique, "
-            "so upload these images under new names (GET /classes lists the taken ones)",
-        )
-    return None
 
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -229,36 +208,40 @@ async def add_classes(
     limits = UploadLimits.from_settings(services.settings)
     parsed = await asyncio.to_thread(_parse, upload.archive, upload.images, upload.labels, limits)
 
-    earlier = await asyncio.to_thread(_check, services, idempotency_key, parsed)
+    # A replay, or a class already taken, is answered before the images are stored;
+    # `submit` checks both again, with the insert, in one transaction.
+    precheck = functools.partial(
+        store.jobs.precheck,
+        idempotency_key,
+        parsed.class_names,
+        parsed.image_counts,
+        parsed.digest,
+    )
+    earlier = await asyncio.to_thread(precheck)
     if earlier is not None:
         response.headers[REPLAYED_HEADER] = "true"
         return SubmissionOut.of(earlier, replayed=True)
 
     location = await asyncio.to_thread(store.uploads.save, parsed.images())
-    submission: Submission | None = None
+    submit = functools.partial(
+        store.jobs.submit,
+        class_names=parsed.class_names,
+        image_counts=parsed.image_counts,
+        uploads_location=location,
+        idempotency_key=idempotency_key,
+        activate=upload.activate,
+        payload_digest=parsed.digest,
+        refuse_taken_classes=True,
+    )
     try:
-        async with services.submit_lock:
-            earlier = await asyncio.to_thread(_check, services, idempotency_key, parsed)
-            if earlier is None:
-                submit = functools.partial(
-                    store.jobs.submit,
-                    class_names=parsed.class_names,
-                    image_counts=parsed.image_counts,
-                    uploads_location=location,
-                    idempotency_key=idempotency_key,
-                    activate=upload.activate,
-                    payload_digest=parsed.digest,
-                )
-                submission = await asyncio.to_thread(submit)
+        submission = await asyncio.to_thread(submit)
     except BaseException:
         await asyncio.to_thread(store.uploads.discard, location)
         raise
-    if submission is None or not submission.created:
+    if not submission.created:
         await asyncio.to_thread(store.uploads.discard, location)
         response.headers[REPLAYED_HEADER] = "true"
-        replay = earlier or submission
-        assert replay is not None
-        return SubmissionOut.of(replay, replayed=True)
+        return SubmissionOut.of(submission, replayed=True)
     try:
         await asyncio.to_thread(services.dispatcher.submit, submission.job.id)
     except Exception:

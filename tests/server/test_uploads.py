@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import tarfile
 import zipfile
@@ -17,6 +19,7 @@ from server.uploads import (
     parse_archive,
     parse_labelled_files,
 )
+from store.uploads import ImageStream
 from tests.server.conftest import colour_pngs
 from tests.server.test_classes import tar_bytes, zip_bytes
 
@@ -26,8 +29,15 @@ LIMITS = UploadLimits(
     max_images=100,
     max_class_name_length=20,
     min_images_per_class=2,
+    max_archive_entries=1_000,
+    max_image_bytes=1_000_000,
 )
 IMAGES = [data for _, data in colour_pngs([0], 4)]
+
+
+def streamed(image: ImageStream) -> bytes:
+    with image.open() as stream:
+        return stream.read()
 
 
 @contextmanager
@@ -49,7 +59,7 @@ def test_tar_compressions(mode: str) -> None:
         ("b", "b/1.png"),
         ("b", "b/2.png"),
     ]
-    assert stored[3].data == IMAGES[3]
+    assert streamed(stored[3]) == IMAGES[3]
 
 
 def test_one_top_folder_is_stripped_and_names_are_normalised() -> None:
@@ -111,7 +121,7 @@ def test_tar_hard_links_and_devices_are_refused() -> None:
 
 
 def test_too_many_images() -> None:
-    limits = UploadLimits(1_000_000, 10_000_000, 3, 20, 1)
+    limits = dataclasses.replace(LIMITS, max_images=3, min_images_per_class=1)
     files = {f"a/{i}.png": IMAGES[i] for i in range(4)}
     with refused(413, "at most 3"):
         parse_archive(io.BytesIO(zip_bytes(files)), limits)
@@ -123,7 +133,7 @@ def test_labelled_files() -> None:
     files = [(f"{i}.png", io.BytesIO(d)) for i, d in enumerate(IMAGES)]
     parsed = parse_labelled_files(files, ["x", "y", "x", "y"], LIMITS)
     assert (parsed.class_names, parsed.image_counts) == (("x", "y"), (2, 2))
-    assert [u.data for u in parsed.images()] == [IMAGES[0], IMAGES[1], IMAGES[2], IMAGES[3]]
+    assert [streamed(u) for u in parsed.images()] == [IMAGES[0], IMAGES[1], IMAGES[2], IMAGES[3]]
     with refused(422, "control characters"):
         parse_labelled_files(files[:2], ["a\x07", "a\x07"], LIMITS)
 
@@ -134,3 +144,42 @@ def test_class_names() -> None:
         clean_class_name("n" * 21, 20, where="x")
     with refused(422, "empty"):
         clean_class_name("\u3000", 20, where="x")  # an ideographic space
+
+
+def test_archive_images_are_streamed_with_their_digests() -> None:
+    files = {f"a/{i}.png": IMAGES[i] for i in range(4)}
+    for data in (zip_bytes(files), tar_bytes(files)):
+        images = list(parse_archive(io.BytesIO(data), LIMITS).images())
+        assert [streamed(i) for i in images] == IMAGES
+        assert [i.sha256 for i in images] == [hashlib.sha256(d).hexdigest() for d in IMAGES]
+
+
+def test_a_listing_over_the_entry_limit_is_refused() -> None:
+    limits = dataclasses.replace(LIMITS, max_archive_entries=5)
+    files = {f"a/{i}.png": IMAGES[i % 4] for i in range(3)}
+    dirs = tuple(f"empty{i}/" for i in range(3))  # folders count: the listing is 6 entries
+    with refused(413, "DMC_MAX_ARCHIVE_ENTRIES"):
+        parse_archive(io.BytesIO(zip_bytes(files, dirs)), limits)
+    with refused(413, "DMC_MAX_ARCHIVE_ENTRIES"):
+        parse_archive(io.BytesIO(tar_bytes({**files, **{f"._{i}": b"" for i in range(3)}})), limits)
+    assert parse_archive(io.BytesIO(zip_bytes(files)), limits).image_counts == (3,)
+
+
+def test_an_entry_over_the_image_byte_limit_is_refused_before_it_is_unpacked() -> None:
+    limits = dataclasses.replace(LIMITS, max_image_bytes=len(IMAGES[0]) + 10)
+    files = {"a/0.png": IMAGES[0], "a/big.png": IMAGES[1] + bytes(100)}
+    with refused(413, "DMC_MAX_IMAGE_BYTES"):
+        parse_archive(io.BytesIO(zip_bytes(files)), limits)
+    with refused(413, "DMC_MAX_IMAGE_BYTES"):
+        parse_archive(io.BytesIO(tar_bytes(files)), limits)
+    labelled = [(name, io.BytesIO(data)) for name, data in files.items()]
+    with refused(413, "DMC_MAX_IMAGE_BYTES"):
+        parse_labelled_files(labelled, ["a", "a"], limits)
+
+
+def test_a_corrupt_entry_is_422() -> None:
+    data = bytearray(zip_bytes({"a/1.png": IMAGES[0], "a/2.png": IMAGES[1]}))
+    at = bytes(data).index(IMAGES[0]) + len(IMAGES[0]) // 2
+    data[at] ^= 0xFF  # the CRC no longer matches
+    with refused(422, "the zip is corrupt"):
+        parse_archive(io.BytesIO(bytes(data)), LIMITS)

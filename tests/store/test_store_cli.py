@@ -27,3 +27,8 @@ def test_upgrade_then_collect_an_orphan(tmp_path: Path, monkeypatch: pytest.Monk
     assert result.exit_code == 0, result.output
     assert "removed 1 unreferenced objects" in result.output
     assert not list((tmp_path / "objects").rglob("state.safetensors"))
+    store = Store.open(StoreSettings())
+    try:  # counted with the scheduled collections, for /metrics
+        assert [(row.kind, row.total) for row in store.garbage.totals()] == [("objects", 1)]
+    finally:
+        store.close()

@@ -9,6 +9,7 @@ import pytest
 
 from store.db import Database
 from store.errors import (
+    ClassesTakenError,
     IdempotencyConflictError,
     JobNotFoundError,
     JobStateError,
@@ -186,3 +187,55 @@ def test_unknown_ids(jobs: Jobs) -> None:
             action(99)
     with pytest.raises(TaskNotFoundError):
         jobs.tasks.get(99)
+
+
+def test_a_taken_class_is_refused_but_a_replay_is_not(jobs: Jobs) -> None:
+    first = jobs.submit(class_names=["cat"], image_counts=[2], idempotency_key="k")
+    again = jobs.submit(
+        class_names=["cat"], image_counts=[2], idempotency_key="k", refuse_taken_classes=True
+    )
+    assert not again.created and again.job == first.job
+    assert jobs.precheck("k", ["cat"], [2], None) == again
+    for check in (
+        lambda: jobs.submit(class_names=["cat"], image_counts=[2], refuse_taken_classes=True),
+        lambda: jobs.precheck("other", ["cat", "owl"], [2, 2], None),
+    ):
+        with pytest.raises(ClassesTakenError, match=f"queued in task {first.task.id}"):
+            check()
+    assert jobs.precheck(None, ["owl"], [2], None) is None
+    assert len(jobs.list()) == 1
+
+
+def test_concurrent_submissions_with_one_key_from_separate_engines(database_url: str) -> None:
+    """Like several API replicas: each client has its own engine (connection pool)."""
+    clients = 6
+    barrier = threading.Barrier(clients)
+    results: list[Submission | BaseException] = []
+
+    def client() -> None:
+        db = Database.from_url(database_url)
+        try:
+            barrier.wait(timeout=10)
+            results.append(
+                Jobs(db).submit(
+                    class_names=["cat"],
+                    image_counts=[2],
+                    idempotency_key="same",
+                    refuse_taken_classes=True,
+                )
+            )
+        except BaseException as error:
+            results.append(error)
+        finally:
+            db.dispose()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(isinstance(r, Submission) for r in results), results
+    submissions = [r for r in results if isinstance(r, Submission)]
+    assert len(submissions) == clients
+    assert sum(s.created for s in submissions) == 1
+    assert len({s.job.id for s in submissions}) == 1

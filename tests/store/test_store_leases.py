@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from store.db import Database
 from store.errors import JobStateError, LeaseLostError
-from store.jobs import JobInfo, Jobs
+from store.jobs import JobInfo, Jobs, Progress
 from store.models import JobState
 from store.objects import LocalObjectStore
 from store.registry import Registry, VersionInfo
@@ -155,3 +155,21 @@ def test_pending_and_leftover_uploads(jobs: Jobs) -> None:
     jobs.fail(b.id, "bad")
     assert jobs.finished_tasks_with_uploads() == [a.task_id, b.task_id]
     assert not jobs.has_pending()
+
+
+def test_a_run_again_starts_from_no_progress(jobs: Jobs) -> None:
+    """A re-run job does not show the dead run's progress until the new run reports."""
+    queued(jobs)
+    dead = jobs.claim_next(worker="dead", lease_seconds=0.01)
+    assert dead is not None
+    jobs.renew(dead.id, attempt=1, lease_seconds=0.01, stage="stage1", step=3, total=4)
+    assert jobs.get(dead.id).progress.percent == 75.0
+    time.sleep(0.05)
+    jobs.requeue_expired()
+    again = jobs.claim_next(worker="alive", lease_seconds=30)
+    assert again is not None and again.attempts == 2
+    assert again.progress == Progress()
+    assert jobs.get(dead.id).progress == Progress()
+    # The new run's reports count from zero again, not from the dead run's 75 %.
+    jobs.renew(again.id, attempt=2, lease_seconds=30, stage="load", step=1, total=10)
+    assert jobs.get(again.id).progress.percent == 10.0

@@ -20,7 +20,16 @@ from store.db import alembic_config, make_engine, upgrade_database
 from store.models import Base
 
 REPO = Path(__file__).resolve().parents[2]
-TABLES = {"versions", "classes", "tasks", "jobs", "aliases", "api_keys", "alembic_version"}
+TABLES = {
+    "versions",
+    "classes",
+    "tasks",
+    "jobs",
+    "aliases",
+    "api_keys",
+    "garbage_counts",
+    "alembic_version",
+}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

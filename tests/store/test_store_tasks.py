@@ -22,6 +22,8 @@ def test_the_class_name_rule() -> None:
     assert class_name_problem("x" * MAX_NAME_LENGTH) is None
     assert "at most 5" in (class_name_problem("abcdef", max_length=5) or "")
     assert "control characters" in (class_name_problem("a\tb") or "")
+    for separator in ("\u2028", "\u2029", "\x85"):  # line, paragraph separator; NEL
+        assert "control characters" in (class_name_problem(f"a{separator}b") or "")
     assert normalize_class_name("  Cafe\u0301 ") == "Caf\u00e9"
 
 

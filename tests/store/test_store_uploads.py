@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+from collections.abc import Callable
+from typing import IO
+
 import pytest
 
 from store.db import Database
 from store.errors import ObjectIntegrityError
 from store.jobs import Jobs
 from store.objects import ObjectStore
-from store.uploads import TaskUploads, UploadedImage
+from store.uploads import ImageStream, TaskUploads, UploadedImage
 
 IMAGES = [
     UploadedImage("cat", "cat-1.jpg", b"\xff\xd8cat one"),
@@ -76,3 +82,41 @@ def test_empty_upload_is_refused(db: Database, objects: ObjectStore) -> None:
     with pytest.raises(ValueError, match="at least one image"):
         uploads.save([])
     assert keys(objects) == set()
+
+
+class _Chunked(io.BytesIO):
+    """A stream that hands out at most `most` bytes a read and counts the largest read."""
+
+    def __init__(self, data: bytes, most: int) -> None:
+        super().__init__(data)
+        self.most = most
+        self.largest = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        wanted = self.most if size is None or size < 0 else min(size, self.most)
+        self.largest = max(self.largest, wanted)
+        return super().read(wanted)
+
+
+def test_streamed_images_are_stored_in_chunks_and_checked(
+    db: Database, objects: ObjectStore
+) -> None:
+    uploads = uploads_for(db, objects)
+    data = bytes(range(256)) * 20_000  # 5 MB
+    streams: list[_Chunked] = []
+
+    def opener(payload: bytes) -> Callable[[], contextlib.AbstractContextManager[IO[bytes]]]:
+        def open_() -> contextlib.AbstractContextManager[IO[bytes]]:
+            streams.append(_Chunked(payload, 1 << 20))
+            return contextlib.closing(streams[-1])
+
+        return open_
+
+    image = ImageStream("cat", "big.png", opener(data), sha256=hashlib.sha256(data).hexdigest())
+    location = uploads.save([image, *IMAGES])
+    assert uploads.load(location) == [UploadedImage("cat", "big.png", data), *IMAGES]
+    assert 0 < streams[0].largest <= 1 << 20  # read a chunk at a time, never whole
+    wrong = ImageStream("cat", "x.png", opener(b"other"), sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(ObjectIntegrityError):
+        uploads.save([wrong])
+    assert keys(objects) == {info.key for info in objects.list(location)}  # nothing left

@@ -67,6 +67,8 @@ def settings_env(
         "DMC_JOB_SWEEP_SECONDS": "2",
         "DMC_JOB_PROGRESS_INTERVAL_SECONDS": "0.1",
         "DMC_MAX_IMAGE_SIDE": "64",
+        # Off: with no work_dir the collector would look through the system's temp dir.
+        "DMC_GC_INTERVAL_SECONDS": "0",
     }
     env.update(extra)
     return env
@@ -86,6 +88,8 @@ def make_settings(
         "job_sweep_seconds": 2.0,
         "job_progress_interval_seconds": 0.1,
         "max_image_side": 64,
+        # Off: with no work_dir the collector would look through the system's temp dir.
+        "gc_interval_seconds": 0.0,
     }
     values.update(overrides)
     return WorkerSettings(**values)

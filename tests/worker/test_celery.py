@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -113,7 +116,12 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_completes_exactly_once(
     assert versions[0].parent_id == old
     assert pg_store.registry.active() == versions[0]
     assert pg_store.registry.class_names(versions[0].id) == COLOUR_NAMES[:4]
-    assert_grows([after.progress.percent, *progress[long.job.id]])
+    # The dead run's progress stands until the job is claimed again; the new run's counts
+    # from zero (`claim_next` resets it) and only grows.
+    series = [after.progress.percent, *progress[long.job.id]]
+    reset = next((i for i in range(1, len(series)) if series[i] < series[i - 1]), len(series))
+    assert set(series[:reset]) == {after.progress.percent}, series
+    assert_grows(series[reset:])
     # Nothing half-written: every blob belongs to a version.
     stored = {info.key for info in pg_store.objects.list("blobs/")}
     assert stored == {key for v in versions for key in v.keys.values()}
@@ -165,3 +173,40 @@ def test_a_warm_shutdown_hands_the_running_job_back(
     assert info.lease_expires_at is None
     assert pg_store.registry.list() == []
     assert "the worker is stopping; queued again" in worker.log()
+
+
+def test_a_worker_collects_old_orphans_on_its_schedule(
+    pg_store: Store, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    """Deployed mode: the worker's sweeper collects an old orphan upload and a killed
+    run's scratch folder, and spares young ones."""
+    grace = 600.0
+    old = time.time() - 2 * grace
+    objects = Path(pg_store.settings.objects_dir)
+    keys = {age: f"tasks/{age * 32}/images/000000" for age in ("o", "y")}
+    for age, key in keys.items():
+        pg_store.objects.put_bytes(key, b"image")
+        if age == "o":
+            os.utime(objects / key, (old, old))
+    work = tmp_path / "work"
+    folders = {age: work / f"dmc-job-{index}-{age}" for index, age in enumerate("oy")}
+    for age, folder in folders.items():
+        folder.mkdir(parents=True)
+        if age == "o":
+            os.utime(folder, (old, old))
+    worker = start_worker(
+        "gc",
+        DMC_WORK_DIR=str(work),
+        DMC_GC_INTERVAL_SECONDS="0.5",
+        DMC_GC_GRACE_SECONDS=str(grace),
+        DMC_JOB_SWEEP_SECONDS="0.2",
+    )
+    worker.wait_ready()
+
+    def counted() -> bool:
+        totals = {row.kind: row.total for row in pg_store.garbage.totals()}
+        return totals == {"objects": 1, "scratch_folders": 1}
+
+    wait_for(counted, timeout=60, message=logs(worker))
+    assert not pg_store.objects.exists(keys["o"]) and not folders["o"].exists()
+    assert pg_store.objects.exists(keys["y"]) and folders["y"].is_dir()
