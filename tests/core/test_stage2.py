@@ -50,18 +50,21 @@ def _learn_after_old_classes(backbone: Backbone, n_old: int, **overrides: Any) -
 
     calls = _Calls()
     encode = learner.text_tower.encode_embeddings
-    sample = learner.memory.sample
+    sample_classes = learner.memory.sample_classes
 
     def counting_encode(*args: Any) -> torch.Tensor:
         calls.text_passes += 1
         return encode(*args)
 
-    def counting_sample(c: int, n: int, gen: torch.Generator) -> torch.Tensor:
-        calls.samples[c] = calls.samples.get(c, 0) + n
-        return sample(c, n, gen)
+    def counting_sample(
+        classes: list[int], n: int, gen: torch.Generator, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for c in classes:
+            calls.samples[c] = calls.samples.get(c, 0) + n
+        return sample_classes(classes, n, gen, **kwargs)
 
     setattr(learner.text_tower, "encode_embeddings", counting_encode)  # noqa: B010
-    setattr(learner.memory, "sample", counting_sample)  # noqa: B010
+    setattr(learner.memory, "sample_classes", counting_sample)  # noqa: B010
 
     def progress(stage: str, step: int, total: int) -> None:
         if stage == "stage2":
