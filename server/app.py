@@ -8,6 +8,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException
@@ -151,6 +152,9 @@ def create_app(
             bootstrap_key=bootstrap.get_secret_value() if bootstrap else None,
             cache_seconds=settings.api_key_cache_seconds,
         )
+        predict_pool = ThreadPoolExecutor(
+            max_workers=settings.predict_threads, thread_name_prefix="dmc-predict"
+        )
         try:
             await asyncio.to_thread(dispatcher.start)
             await holder.start()
@@ -163,6 +167,7 @@ def create_app(
                 batcher=batcher,
                 metrics=metrics,
                 auth=auth,
+                predict_pool=predict_pool,
             )
             log.info(
                 "dmc server ready for requests (dispatcher %s, auth %s)",
@@ -173,6 +178,7 @@ def create_app(
         finally:
             app.state.services = None
             await batcher.stop()
+            predict_pool.shutdown(wait=False, cancel_futures=True)
             await holder.stop()
             await asyncio.to_thread(dispatcher.close)
             await asyncio.to_thread(store.close)

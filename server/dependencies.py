@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -31,6 +32,8 @@ class Services:
     batcher: Batcher
     metrics: Metrics
     auth: Authenticator
+    # Decodes predict images (`server.routers.predict`), apart from the default pool.
+    predict_pool: ThreadPoolExecutor
     # Serialises the duplicate-class check and the submit of POST /classes in this process.
     submit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
