@@ -179,6 +179,7 @@ def create_app(
             app.state.services = None
             await batcher.stop()
             predict_pool.shutdown(wait=False, cancel_futures=True)
+            auth.close()
             await holder.stop()
             await asyncio.to_thread(dispatcher.close)
             await asyncio.to_thread(store.close)

@@ -144,6 +144,7 @@ class ModelHolder:
         self.checked = False
         self.loading: int | None = None
         self._failures: dict[int, _Failure] = {}
+        # Why the `active` alias could not be read (the exception's text: admin eyes only).
         self.poll_error: str | None = None
         self._cache: OrderedDict[int, LoadedModel] = OrderedDict()
         self._loads: dict[int, asyncio.Future[LoadedModel]] = {}
@@ -185,7 +186,7 @@ class ModelHolder:
         try:
             active: VersionInfo | None = await asyncio.to_thread(self.registry.active)
         except Exception as exc:
-            self.poll_error = f"the database does not answer: {exc}"
+            self.poll_error = str(exc) or type(exc).__name__
             log.warning("reading the active version failed: %s", exc)
             return
         self.poll_error = None
@@ -318,9 +319,11 @@ class ModelHolder:
             self._remember(model)
         return model
 
-    def not_ready_reason(self) -> str:
+    def not_ready_reason(self, *, detailed: bool = False) -> str:
+        """Why no version answers. The text of errors (which may name the database host or
+        the object store's bucket and keys) only when `detailed`."""
         if self.poll_error is not None:
-            return self.poll_error
+            return "the database does not answer" + _detail(self.poll_error, detailed)
         if not self.checked:
             return "the server is starting: the active version is being looked up"
         if self.active_id is None:
@@ -329,13 +332,13 @@ class ModelHolder:
                 "job to finish"
             )
         if self.failure is not None and self.failure.version_id == self.active_id:
-            return (
-                f"the active version {self.active_id} could not be loaded: {self.failure.message}"
+            return f"the active version {self.active_id} could not be loaded" + _detail(
+                self.failure.message, detailed
             )
         return f"the active version {self.active_id} is loading"
 
-    def status(self) -> dict[str, Any]:
-        """What GET /readyz reports."""
+    def status(self, *, detailed: bool = False) -> dict[str, Any]:
+        """What GET /readyz reports (error texts only when `detailed`)."""
         current = self.current
         failure = self.failure
         return {
@@ -343,8 +346,13 @@ class ModelHolder:
             "active_version_id": self.active_id,
             "loading_version_id": self.loading,
             "error": (
-                f"version {failure.version_id} could not be loaded: {failure.message}"
+                f"version {failure.version_id} could not be loaded"
+                + _detail(failure.message, detailed)
                 if failure is not None
                 else None
             ),
         }
+
+
+def _detail(message: str, detailed: bool) -> str:
+    return f": {message}" if detailed else " (an admin key sees why)"
