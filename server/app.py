@@ -138,6 +138,9 @@ def create_app(
             poll_seconds=settings.version_poll_seconds,
             retry_seconds=settings.version_retry_seconds,
             cache_size=settings.pinned_versions_cached,
+            cache_bytes=settings.pinned_versions_max_bytes,
+            loads_at_once=settings.version_loads_at_once,
+            load_wait_seconds=settings.version_load_wait_seconds,
         )
         batcher = Batcher(
             max_batch=settings.batch_max_size,

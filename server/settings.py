@@ -74,6 +74,12 @@ class ServerSettings(WorkerSettings):
     version_retry_seconds: float = Field(default=60.0, gt=0)
     # Versions kept loaded for requests that pin one (`version=`), besides the active one.
     pinned_versions_cached: int = Field(default=2, ge=0)
+    # ... and at most this many bytes of model weights together (None: no byte bound).
+    pinned_versions_max_bytes: int | None = Field(default=2 * 1024 * MIB, ge=0)
+    # Versions loading at once (each holds about one model's memory while it loads); a
+    # request pinning a version waits this long for a free load, then gets 503.
+    version_loads_at_once: int = Field(default=1, ge=1)
+    version_load_wait_seconds: float = Field(default=5.0, ge=0)
     # Apply the database migrations at start; None: only in the embedded mode.
     migrate_on_start: bool | None = None
 

@@ -17,7 +17,7 @@ from server.batcher import BatcherStoppedError, QueueFullError
 from server.dependencies import PredictAccess, ServicesDep
 from server.errors import error, responses, validation_detail
 from server.images import ImageLimits, prepare_batch
-from server.model import LoadedModel, NoActiveVersionError, VersionLoadError
+from server.model import LoadedModel, LoadsBusyError, NoActiveVersionError, VersionLoadError
 from server.schemas import DB_INT_MAX, ClassScore, ImagePrediction, PredictJSON, PredictOut
 from server.settings import ServerSettings
 
@@ -179,6 +179,8 @@ async def predict(
         raise error(503, str(exc), {"Retry-After": str(settings.retry_after_seconds)}) from None
     except VersionLoadError as exc:
         raise error(409, str(exc)) from None
+    except LoadsBusyError as exc:
+        raise error(503, str(exc), {"Retry-After": str(settings.retry_after_seconds)}) from None
 
     with services.batcher.incoming(len(files)):
         # Its own threads: handlers waiting on the database never hold up a predict.
