@@ -298,13 +298,7 @@ class ModelHolder:
             return cached
         pending = self._loads.get(version_id)
         if pending is None:
-            try:
-                await asyncio.wait_for(self._slots.acquire(), wait)
-            except TimeoutError:
-                raise LoadsBusyError(
-                    f"{len(self._loads)} versions are loading; version {version_id} cannot "
-                    f"start within {wait:g}s (DMC_VERSION_LOADS_AT_ONCE)"
-                ) from None
+            await self._take_slot(version_id, wait)
             pending = self._loads.get(version_id)  # started by another request meanwhile
             if pending is None:
                 pending = asyncio.ensure_future(self._load(version_id))
@@ -314,6 +308,21 @@ class ModelHolder:
                 self._slots.release()
         # shield: a request that gives up must not cancel a load others wait for.
         return await asyncio.shield(pending)
+
+    async def _take_slot(self, version_id: int, wait: float | None) -> None:
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await asyncio.wait_for(asyncio.shield(acquiring), wait)
+        except BaseException as exc:
+            # Given up (timeout, or the request cancelled): never keep a slot taken.
+            if not acquiring.cancel() and acquiring.exception() is None:
+                self._slots.release()
+            if isinstance(exc, TimeoutError):
+                raise LoadsBusyError(
+                    f"{len(self._loads)} versions are loading; version {version_id} cannot "
+                    f"start within {wait:g}s (DMC_VERSION_LOADS_AT_ONCE)"
+                ) from None
+            raise
 
     def _loaded(self, version_id: int, done: asyncio.Future[LoadedModel]) -> None:
         self._loads.pop(version_id, None)
