@@ -29,12 +29,13 @@ def db_upgrade(
     revision: Annotated[str, typer.Option(help="Alembic revision to upgrade to")] = "head",
 ) -> None:
     """Apply the Alembic migrations to the database."""
-    from store.db import upgrade_database
+    from store.db import normalize_url, upgrade_database
     from store.settings import StoreSettings
 
     target = url or StoreSettings().database_url
     upgrade_database(target, revision=revision)
-    typer.echo(f"database at {target} is at revision {revision}")
+    shown = normalize_url(target).render_as_string(hide_password=True)  # never the password
+    typer.echo(f"database at {shown} is at revision {revision}")
 
 
 @db_app.command("collect-garbage")

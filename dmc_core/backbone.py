@@ -5,6 +5,7 @@ project's own small configs (`dmc_core/model_configs/*.json`) and models built o
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -54,6 +55,16 @@ class BackboneSpec:
         return cls(**data)
 
     @property
+    def random_weights(self) -> bool:
+        """No pretrained tag, checkpoint or built model: initialised at random per load."""
+        return not (
+            self.pretrained
+            or self.checkpoint
+            or self.name.startswith("local-dir:")
+            or model_builder(self.name) is not None
+        )
+
+    @property
     def id(self) -> str:
         """A stable identifier, used to refuse states saved on another backbone."""
         weights = self.pretrained or ""
@@ -75,6 +86,9 @@ class Backbone:
     tokenizer: Callable[..., torch.Tensor]
     device: torch.device
     precision: str
+    # sha256 of the weights as loaded (`weights_digest`), before any adapter: what proves
+    # that two processes run the same backbone (the spec's id names it, not its weights).
+    weights_digest: str = ""
 
     @property
     def visual(self) -> nn.Module:
@@ -159,6 +173,7 @@ def load_backbone(
         raise BackboneError(f"could not load backbone {spec.id}: {error}") from error
     model.eval()
     return Backbone(
+        weights_digest=weights_digest(model),
         spec=spec,
         model=model,
         preprocess_train=preprocess_train,
@@ -167,6 +182,17 @@ def load_backbone(
         device=torch.device(device),
         precision=precision,
     )
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the model's state dict: every tensor's name, dtype, shape and bytes, by
+    name. Equal digests: the same weights (a random initialisation differs per process)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> str:

@@ -115,6 +115,7 @@ def save_state(learner: Learner, folder: Path) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "backbone": learner.backbone.spec.to_dict(),
         "backbone_id": learner.backbone.spec.id,
+        "backbone_digest": learner.backbone.weights_digest,
         "config": learner.config.to_dict(),
         "classes": [{"name": c.name, "task": c.task} for c in learner.classes],
         "n_tasks": learner.n_tasks,
@@ -206,6 +207,7 @@ def load_state(
         )
     learner = Learner(backbone, config)
     _restore(learner, manifest, tensors)
+    check_backbone_weights(manifest, backbone)
     if memory:
         _restore_memory(learner, memory)
     learner.inference_only = part == "inference"
@@ -216,6 +218,35 @@ def load_state(
         except ValueError as error:
             raise StateError(f"the cached prototypes do not fit the classes: {error}") from error
     return learner
+
+
+def check_backbone_weights(manifest: dict[str, Any], backbone: Backbone) -> None:
+    """Refuse a backbone whose weights are not provably those the state was saved on: its
+    digest differs from the manifest's, or the manifest has none and the backbone names no
+    weights (no pretrained tag, no checkpoint: initialised at random in each process)."""
+    saved = manifest.get("backbone_digest")
+    random_weights = backbone.spec.random_weights
+    if saved and backbone.weights_digest and saved != backbone.weights_digest:
+        raise StateError(
+            f"the state was saved on backbone {manifest['backbone_id']!r} with weights "
+            f"sha256 {saved[:12]}..., but the backbone loaded here has "
+            f"{backbone.weights_digest[:12]}...: the same name with different weights"
+            + (
+                " (it has no pretrained tag and no checkpoint, so each process initialises "
+                "it at random)"
+                if random_weights
+                else ""
+            )
+            + ". Refusing it: give every process the same backbone weights (a checkpoint "
+            "file, DMC_BACKBONE_CHECKPOINT, or a pretrained tag)"
+        )
+    if not saved and random_weights:
+        raise StateError(
+            f"the state was saved on backbone {manifest['backbone_id']!r}, which has no "
+            "pretrained tag and no checkpoint, and its manifest has no weights digest: "
+            "the weights cannot be proven identical. Refusing it: save the backbone's "
+            "weights to a checkpoint (DMC_BACKBONE_CHECKPOINT) and learn again"
+        )
 
 
 def _memory_files(manifest: dict[str, Any]) -> list[str]:

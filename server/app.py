@@ -8,6 +8,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException
@@ -138,6 +139,9 @@ def create_app(
             poll_seconds=settings.version_poll_seconds,
             retry_seconds=settings.version_retry_seconds,
             cache_size=settings.pinned_versions_cached,
+            cache_bytes=settings.pinned_versions_max_bytes,
+            loads_at_once=settings.version_loads_at_once,
+            load_wait_seconds=settings.version_load_wait_seconds,
         )
         batcher = Batcher(
             max_batch=settings.batch_max_size,
@@ -152,6 +156,9 @@ def create_app(
             bootstrap_key=bootstrap.get_secret_value() if bootstrap else None,
             cache_seconds=settings.api_key_cache_seconds,
         )
+        predict_pool = ThreadPoolExecutor(
+            max_workers=settings.predict_threads, thread_name_prefix="dmc-predict"
+        )
         try:
             await asyncio.to_thread(dispatcher.start)
             await holder.start()
@@ -164,6 +171,7 @@ def create_app(
                 batcher=batcher,
                 metrics=metrics,
                 auth=auth,
+                predict_pool=predict_pool,
             )
             log.info(
                 "dmc server ready for requests (dispatcher %s, auth %s)",
@@ -174,6 +182,8 @@ def create_app(
         finally:
             app.state.services = None
             await batcher.stop()
+            predict_pool.shutdown(wait=False, cancel_futures=True)
+            auth.close()
             await holder.stop()
             await asyncio.to_thread(dispatcher.close)
             await asyncio.to_thread(store.close)

@@ -5,6 +5,9 @@ implies `predict`). Reading routes take any valid key. Keys are verified through
 store (which keeps only their sha256 and compares in constant time); the optional
 bootstrap admin key from the settings is compared in constant time too. Verified keys are
 remembered for `api_key_cache_seconds`, so predict does not ask the database each time.
+Keys are looked up on threads of their own (never queued behind handlers that wait on the
+database), and while the database is unavailable a key verified before is still taken:
+predict keeps answering through a database outage.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi.security import APIKeyHeader
+
+from server.errors import UNAVAILABLE
 
 SCOPE_PREDICT = "predict"
 SCOPE_ADMIN = "admin"
@@ -66,6 +72,10 @@ class Authenticator:
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, tuple[frozenset[str] | None, float]] = OrderedDict()
         self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dmc-auth")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def scopes(self, key: str | None) -> frozenset[str] | None:
         """The scopes of `key`, or None when it is missing or not valid."""
@@ -76,22 +86,26 @@ class Authenticator:
         digest = _digest(key)
         if self._bootstrap is not None and hmac.compare_digest(digest, self._bootstrap):
             return SCOPES
-        hit = self._cached(digest)
+        hit = self._cached(digest, fresh=True)
         if hit is not None:
             return hit[0]
-        scopes = await asyncio.to_thread(self.verify, key)
+        try:
+            scopes = await asyncio.get_running_loop().run_in_executor(self._pool, self.verify, key)
+        except UNAVAILABLE:
+            stale = self._cached(digest, fresh=False)
+            if stale is None or stale[0] is None:
+                raise
+            return stale[0]
         self._remember(digest, scopes)
         return scopes
 
-    def _cached(self, digest: bytes) -> tuple[frozenset[str] | None] | None:
+    def _cached(self, digest: bytes, *, fresh: bool) -> tuple[frozenset[str] | None] | None:
+        """(scopes,) remembered for `digest`; with `fresh`, only within the cache time."""
         if self.cache_seconds <= 0:
             return None
         with self._lock:
             entry = self._cache.get(digest)
-            if entry is None:
-                return None
-            if entry[1] < time.monotonic():
-                del self._cache[digest]
+            if entry is None or (fresh and entry[1] < time.monotonic()):
                 return None
             return (entry[0],)
 

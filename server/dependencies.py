@@ -5,6 +5,7 @@ parameters (bounded to the database's integer range)."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -30,6 +31,8 @@ class Services:
     batcher: Batcher
     metrics: Metrics
     auth: Authenticator
+    # Decodes predict images (`server.routers.predict`), apart from the default pool.
+    predict_pool: ThreadPoolExecutor
 
 
 def get_services(request: Request) -> Services:

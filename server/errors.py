@@ -8,11 +8,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from botocore.exceptions import ConnectionError as ObjectStoreConnectionError
+from botocore.exceptions import HTTPClientError as ObjectStoreHTTPError
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
@@ -162,10 +166,42 @@ async def _http_handler(request: Request, exc: Exception) -> Response:
     return await http_exception_handler(request, exc)
 
 
+# The database or the object store is unreachable or too slow (a connect, statement or
+# pool timeout): 503, try again later, rather than 500.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    OperationalError,
+    PoolTimeoutError,
+    ObjectStoreConnectionError,
+    ObjectStoreHTTPError,
+)
+
+
+def retry_after(request: Request) -> str:
+    services = getattr(request.app.state, "services", None)
+    return str(services.settings.retry_after_seconds if services is not None else 1)
+
+
+async def _unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
+    what = (
+        "object store"
+        if isinstance(exc, ObjectStoreConnectionError | ObjectStoreHTTPError)
+        else "database"
+    )
+    log.warning("%s %s: the %s is unavailable: %s", request.method, request.url.path, what, exc)
+    wait = retry_after(request)
+    return JSONResponse(
+        {"detail": f"the {what} is unavailable or too slow right now; retry after {wait}s"},
+        status_code=503,
+        headers={"Retry-After": wait},
+    )
+
+
 def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StoreError, _store_handler)
     app.add_exception_handler(UploadError, _upload_handler)
     app.add_exception_handler(NotSignedInError, _not_signed_in_handler)
+    for kind in UNAVAILABLE:
+        app.add_exception_handler(kind, _unavailable_handler)
     app.add_exception_handler(Exception, _internal_handler)

@@ -5,7 +5,9 @@ within `version_poll_seconds`), loads a new active version in a thread while the
 keeps answering, and swaps the reference; the batcher takes the reference per request, so
 a swap happens between batches and never fails a request. A version that fails to load
 leaves the old one serving and is reported by `status()` (GET /readyz). Requests that pin
-a version get it from a small LRU of loaded versions.
+a version get it from a small LRU of loaded versions, bounded in count and in bytes;
+versions load one at a time (`loads_at_once`), and a pinned request that cannot start its
+load within `load_wait_seconds` gets `LoadsBusyError` (503).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class LoadedModel:
         self.version_id = version_id
         self.learner = learner
         self.class_names = tuple(learner.class_names)
+        self.nbytes = _tensor_bytes(learner)
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The model's input tensor for PIL images (runs in a request's worker thread)."""
@@ -71,6 +74,13 @@ class LoadedModel:
         """One forward pass on a blank image, so the first request does not pay for it."""
         blank = Image.new("RGB", (32, 32))
         self.rank(self.preprocess([blank]), [1])
+
+
+def _tensor_bytes(learner: Learner) -> int:
+    """The bytes of the learner's model weights and buffers (what a loaded version holds)."""
+    model = learner.backbone.model
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 Loader = Callable[[int], LoadedModel]
@@ -115,6 +125,10 @@ class VersionLoadError(ServerError):
     """A pinned version cannot be loaded."""
 
 
+class LoadsBusyError(ServerError):
+    """Every version-load slot stayed taken for as long as a request waits: 503."""
+
+
 @dataclass
 class _Failure:
     version_id: int
@@ -132,6 +146,9 @@ class ModelHolder:
         poll_seconds: float = 2.0,
         retry_seconds: float = 60.0,
         cache_size: int = 2,
+        cache_bytes: int | None = None,
+        loads_at_once: int = 1,
+        load_wait_seconds: float = 5.0,
     ) -> None:
         self.registry = registry
         self.loader = loader
@@ -139,11 +156,16 @@ class ModelHolder:
         self.poll_seconds = poll_seconds
         self.retry_seconds = retry_seconds
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.load_wait_seconds = load_wait_seconds
+        # Each load holds about one model's memory until it is cached or dropped.
+        self._slots = asyncio.Semaphore(loads_at_once)
         self.current: LoadedModel | None = None
         self.active_id: int | None = None
         self.checked = False
         self.loading: int | None = None
         self._failures: dict[int, _Failure] = {}
+        # Why the `active` alias could not be read (the exception's text: admin eyes only).
         self.poll_error: str | None = None
         self._cache: OrderedDict[int, LoadedModel] = OrderedDict()
         self._loads: dict[int, asyncio.Future[LoadedModel]] = {}
@@ -185,7 +207,7 @@ class ModelHolder:
         try:
             active: VersionInfo | None = await asyncio.to_thread(self.registry.active)
         except Exception as exc:
-            self.poll_error = f"the database does not answer: {exc}"
+            self.poll_error = str(exc) or type(exc).__name__
             log.warning("reading the active version failed: %s", exc)
             return
         self.poll_error = None
@@ -253,24 +275,58 @@ class ModelHolder:
             return
         self._cache[model.version_id] = model
         self._cache.move_to_end(model.version_id)
-        while len(self._cache) > self.cache_size:
+        while len(self._cache) > self.cache_size or (
+            self.cache_bytes is not None and self.cached_bytes() > self.cache_bytes
+        ):
             self._cache.popitem(last=False)
 
-    async def _get_or_load(self, version_id: int) -> LoadedModel:
+    def cached_bytes(self) -> int:
+        return sum(model.nbytes for model in self._cache.values())
+
+    @property
+    def cached_versions(self) -> list[int]:
+        """The versions kept for pinned requests, least recently used first."""
+        return list(self._cache)
+
+    async def _get_or_load(self, version_id: int, *, wait: float | None = None) -> LoadedModel:
+        """The version from the cache, the load in flight, or a new load once a slot is
+        free: after at most `wait` seconds (None: as long as it takes) else
+        `LoadsBusyError`."""
         cached = self._cache.get(version_id)
         if cached is not None:
             self._cache.move_to_end(version_id)
             return cached
         pending = self._loads.get(version_id)
         if pending is None:
-            pending = asyncio.ensure_future(self._load(version_id))
-            self._loads[version_id] = pending
-            pending.add_done_callback(lambda done: self._loaded(version_id, done))
+            await self._take_slot(version_id, wait)
+            pending = self._loads.get(version_id)  # started by another request meanwhile
+            if pending is None:
+                pending = asyncio.ensure_future(self._load(version_id))
+                self._loads[version_id] = pending
+                pending.add_done_callback(lambda done: self._loaded(version_id, done))
+            else:
+                self._slots.release()
         # shield: a request that gives up must not cancel a load others wait for.
         return await asyncio.shield(pending)
 
+    async def _take_slot(self, version_id: int, wait: float | None) -> None:
+        acquiring = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await asyncio.wait_for(asyncio.shield(acquiring), wait)
+        except BaseException as exc:
+            # Given up (timeout, or the request cancelled): never keep a slot taken.
+            if not acquiring.cancel() and acquiring.exception() is None:
+                self._slots.release()
+            if isinstance(exc, TimeoutError):
+                raise LoadsBusyError(
+                    f"{len(self._loads)} versions are loading; version {version_id} cannot "
+                    f"start within {wait:g}s (DMC_VERSION_LOADS_AT_ONCE)"
+                ) from None
+            raise
+
     def _loaded(self, version_id: int, done: asyncio.Future[LoadedModel]) -> None:
         self._loads.pop(version_id, None)
+        self._slots.release()
         if not done.cancelled():
             done.exception()  # retrieved: waiters that gave up must not leave it unread
 
@@ -307,7 +363,9 @@ class ModelHolder:
         if failure is not None:
             raise VersionLoadError(f"version {version_id} cannot be loaded: {failure.message}")
         try:
-            model = await self._get_or_load(version_id)
+            model = await self._get_or_load(version_id, wait=self.load_wait_seconds)
+        except LoadsBusyError:
+            raise
         except Exception as exc:
             failure = self._failed(version_id, exc)
             raise VersionLoadError(
@@ -318,9 +376,11 @@ class ModelHolder:
             self._remember(model)
         return model
 
-    def not_ready_reason(self) -> str:
+    def not_ready_reason(self, *, detailed: bool = False) -> str:
+        """Why no version answers. The text of errors (which may name the database host or
+        the object store's bucket and keys) only when `detailed`."""
         if self.poll_error is not None:
-            return self.poll_error
+            return "the database does not answer" + _detail(self.poll_error, detailed)
         if not self.checked:
             return "the server is starting: the active version is being looked up"
         if self.active_id is None:
@@ -329,13 +389,13 @@ class ModelHolder:
                 "job to finish"
             )
         if self.failure is not None and self.failure.version_id == self.active_id:
-            return (
-                f"the active version {self.active_id} could not be loaded: {self.failure.message}"
+            return f"the active version {self.active_id} could not be loaded" + _detail(
+                self.failure.message, detailed
             )
         return f"the active version {self.active_id} is loading"
 
-    def status(self) -> dict[str, Any]:
-        """What GET /readyz reports."""
+    def status(self, *, detailed: bool = False) -> dict[str, Any]:
+        """What GET /readyz reports (error texts only when `detailed`)."""
         current = self.current
         failure = self.failure
         return {
@@ -343,8 +403,13 @@ class ModelHolder:
             "active_version_id": self.active_id,
             "loading_version_id": self.loading,
             "error": (
-                f"version {failure.version_id} could not be loaded: {failure.message}"
+                f"version {failure.version_id} could not be loaded"
+                + _detail(failure.message, detailed)
                 if failure is not None
                 else None
             ),
         }
+
+
+def _detail(message: str, detailed: bool) -> str:
+    return f": {message}" if detailed else " (an admin key sees why)"

@@ -125,13 +125,17 @@ class HealthOut(BaseModel):
 
 class ReadyOut(BaseModel):
     status: Literal["ready", "degraded", "not ready"] = Field(
-        description="`degraded`: answering, but the active version failed to load and an "
-        "older one answers (see `error`)."
+        description="`ready` and `degraded` (200): a version answers predictions. "
+        "`degraded`: the database does not answer (`database`), or the active version "
+        "failed to load and an older one answers (`error`)."
     )
     version_id: int | None = Field(description="The version answering unpinned requests.")
     active_version_id: int | None
     loading_version_id: int | None
-    database: bool
+    database: bool = Field(description="The database answers (predict does not need it).")
+    database_error: str | None = Field(
+        default=None, description="Why the database does not answer (details: admin key)."
+    )
     error: str | None
     reason: str | None = Field(default=None, description="Why the server is not ready.")
 

@@ -46,6 +46,14 @@ class ServerSettings(WorkerSettings):
     # Images in one upload (POST /classes).
     max_upload_images: int = Field(default=10_000, ge=1)
     max_class_name_length: int = Field(default=100, ge=1, le=MAX_NAME_LENGTH)
+    # Long side / short side of one image (0: any): a 300,000 x 1 image would be scaled
+    # up to the model's input on its short side.
+    max_image_aspect_ratio: float = Field(default=20.0, ge=0)
+    # Width x height of the images of one POST /predict together, checked before decoding.
+    max_predict_pixels: int = Field(default=100_000_000, ge=1)
+    # Threads that decode predict images: their own, so that handlers waiting on the
+    # database never hold up a predict.
+    predict_threads: int = Field(default=2, ge=1)
     # Images in one POST /predict request.
     max_predict_images: int = Field(default=64, ge=1)
     max_top_k: int = Field(default=100, ge=1)
@@ -66,6 +74,12 @@ class ServerSettings(WorkerSettings):
     version_retry_seconds: float = Field(default=60.0, gt=0)
     # Versions kept loaded for requests that pin one (`version=`), besides the active one.
     pinned_versions_cached: int = Field(default=2, ge=0)
+    # ... and at most this many bytes of model weights together (None: no byte bound).
+    pinned_versions_max_bytes: int | None = Field(default=2 * 1024 * MIB, ge=0)
+    # Versions loading at once (each holds about one model's memory while it loads); a
+    # request pinning a version waits this long for a free load, then gets 503.
+    version_loads_at_once: int = Field(default=1, ge=1)
+    version_load_wait_seconds: float = Field(default=5.0, ge=0)
     # Apply the database migrations at start; None: only in the embedded mode.
     migrate_on_start: bool | None = None
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from server.errors import UploadError
-from server.images import check_image
+from server.images import ImageLimits, check_image
 from server.settings import ServerSettings
 from server.zip_listing import count_zip_entries
 from store.names import class_name_problem, normalize_class_name
@@ -44,6 +44,11 @@ class UploadLimits:
     min_images_per_class: int
     max_archive_entries: int
     max_image_bytes: int
+    max_image_aspect_ratio: float = 0.0
+
+    @property
+    def image(self) -> ImageLimits:
+        return ImageLimits(self.max_image_pixels, self.max_image_aspect_ratio)
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> UploadLimits:
@@ -55,6 +60,7 @@ class UploadLimits:
             min_images_per_class=settings.min_images_per_class,
             max_archive_entries=settings.max_archive_entries,
             max_image_bytes=settings.max_image_bytes,
+            max_image_aspect_ratio=settings.max_image_aspect_ratio,
         )
 
 
@@ -191,7 +197,7 @@ def _finish(
         name = f"image {entry.filename!r} (class {entry.class_name!r})"
         with _unpacking(entry.filename, kind), open_entry(entry.ref) as stream:
             data = budget.read(stream, name)
-        check_image(data, name, limits.max_image_pixels)
+        check_image(data, name, limits.image)
         entry.sha256 = hashlib.sha256(data).hexdigest()
         del data
         digests.append(f"{entry.class_name}\x00{entry.sha256}")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import ConnectionPoolEntry, StaticPool
+
+from store.settings import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +34,44 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
-def make_engine(url: str | URL, *, echo: bool = False) -> Engine:
-    parsed = normalize_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on database calls, in seconds (None: the driver's default)."""
 
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": 30, "check_same_thread": False}}
+    connect: float | None = None
+    statement: float | None = None
+    pool: float | None = None
+
+    @classmethod
+    def of(cls, settings: StoreSettings) -> Timeouts:
+        return cls(
+            connect=settings.database_connect_timeout_seconds,
+            statement=settings.database_statement_timeout_seconds,
+            pool=settings.database_pool_timeout_seconds,
+        )
+
+
+def make_engine(url: str | URL, *, echo: bool = False, timeouts: Timeouts | None = None) -> Engine:
+    parsed = normalize_url(url)
+    timeouts = timeouts or Timeouts()
+    pool: dict[str, Any] = {"pool_timeout": timeouts.pool} if timeouts.pool else {}
+    if parsed.get_backend_name() != "sqlite":
+        connect_args: dict[str, Any] = {}
+        if timeouts.connect:
+            connect_args["connect_timeout"] = max(1, math.ceil(timeouts.connect))
+        if timeouts.statement:
+            connect_args["options"] = f"-c statement_timeout={int(timeouts.statement * 1000)}"
+        return create_engine(
+            parsed, echo=echo, pool_pre_ping=True, connect_args=connect_args, **pool
+        )
+
+    busy = timeouts.statement or 30.0  # how long a statement waits for a locked database
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": busy, "check_same_thread": False}}
     in_memory = parsed.database in (None, "", ":memory:")
     if in_memory:
         kwargs["poolclass"] = StaticPool
     else:
+        kwargs.update(pool)
         Path(parsed.database or "").parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(parsed, echo=echo, **kwargs)
     _configure_sqlite(engine, wal=not in_memory)
@@ -76,8 +108,10 @@ class Database:
         )
 
     @classmethod
-    def from_url(cls, url: str | URL, *, echo: bool = False) -> Database:
-        return cls(make_engine(url, echo=echo))
+    def from_url(
+        cls, url: str | URL, *, echo: bool = False, timeouts: Timeouts | None = None
+    ) -> Database:
+        return cls(make_engine(url, echo=echo, timeouts=timeouts))
 
     @property
     def dialect(self) -> str:
@@ -123,6 +157,8 @@ def upgrade_database(url: str | URL | Engine, revision: str = "head") -> None:
         config = alembic_config()
         with engine.begin() as connection:
             if connection.dialect.name == "postgresql":
+                # Migrations may wait for each other and rewrite tables: no timeout.
+                connection.execute(text("SET LOCAL statement_timeout = 0"))
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
                 )

@@ -283,6 +283,8 @@ class S3ObjectStore(ObjectStore):
             config=Config(
                 s3={"addressing_style": settings.s3_addressing_style},
                 retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=settings.s3_connect_timeout_seconds,
+                read_timeout=settings.s3_read_timeout_seconds,
             ),
         )
         return cls(client, settings.s3_bucket, prefix=settings.s3_prefix)

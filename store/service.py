@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from store.api_keys import ApiKeys
-from store.db import Database, upgrade_database
+from store.db import Database, Timeouts, upgrade_database
 from store.garbage import GarbageLedger
 from store.jobs import Jobs
 from store.objects import ObjectStore, make_object_store
@@ -37,7 +37,9 @@ class Store:
     ) -> Store:
         """Connect to the database and object store; `upgrade` applies migrations first."""
         settings = settings or StoreSettings()
-        db = Database.from_url(settings.database_url, echo=settings.database_echo)
+        db = Database.from_url(
+            settings.database_url, echo=settings.database_echo, timeouts=Timeouts.of(settings)
+        )
         if upgrade:
             upgrade_database(db.engine)
         objects = objects or make_object_store(settings)

@@ -14,6 +14,12 @@ class StoreSettings(BaseSettings):
 
     database_url: str = "sqlite:///runs/service/dmc.sqlite"
     database_echo: bool = False
+    # Every database call is bounded: opening a connection, one statement (PostgreSQL:
+    # statement_timeout, which also bounds lock waits; SQLite: how long a write waits for
+    # the lock), and waiting for a free pooled connection. Over them the API answers 503.
+    database_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    database_statement_timeout_seconds: float = Field(default=15.0, gt=0)
+    database_pool_timeout_seconds: float = Field(default=10.0, gt=0)
 
     object_store: Literal["local", "s3"] = "local"
     objects_dir: Path = Path("runs/service/objects")
@@ -26,6 +32,9 @@ class StoreSettings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # Seconds to connect to the object store and to wait for a response, per attempt.
+    s3_connect_timeout_seconds: float = Field(default=5.0, gt=0)
+    s3_read_timeout_seconds: float = Field(default=30.0, gt=0)
 
     keep_uploads: bool = False
     # Blobs without a row younger than this are left alone by the garbage collector: they

@@ -16,9 +16,10 @@ from starlette.datastructures import UploadFile
 from server.batcher import BatcherStoppedError, QueueFullError
 from server.dependencies import PredictAccess, ServicesDep
 from server.errors import error, responses, validation_detail
-from server.images import decode_image
-from server.model import LoadedModel, NoActiveVersionError, VersionLoadError
+from server.images import ImageLimits, prepare_batch
+from server.model import LoadedModel, LoadsBusyError, NoActiveVersionError, VersionLoadError
 from server.schemas import DB_INT_MAX, ClassScore, ImagePrediction, PredictJSON, PredictOut
+from server.settings import ServerSettings
 
 router = APIRouter(tags=["predict"])
 
@@ -116,13 +117,19 @@ async def _read_json(
 
 
 def _prepare(
-    model: LoadedModel, files: list[tuple[str | None, bytes]], max_pixels: int, draft: int | None
+    model: LoadedModel, files: list[tuple[str | None, bytes]], settings: ServerSettings
 ) -> torch.Tensor:
-    images = [
-        decode_image(data, f"image {name!r}" if name else f"images[{i}]", max_pixels, draft=draft)
+    named = [
+        (f"image {name!r}" if name else f"images[{i}]", data)
         for i, (name, data) in enumerate(files)
     ]
-    return model.preprocess(images)
+    return prepare_batch(
+        named,
+        ImageLimits(settings.max_image_pixels, settings.max_image_aspect_ratio),
+        max_side=settings.max_image_side,
+        max_total_pixels=settings.max_predict_pixels,
+        to_tensor=model.preprocess,
+    )
 
 
 @router.post(
@@ -172,10 +179,14 @@ async def predict(
         raise error(503, str(exc), {"Retry-After": str(settings.retry_after_seconds)}) from None
     except VersionLoadError as exc:
         raise error(409, str(exc)) from None
+    except LoadsBusyError as exc:
+        raise error(503, str(exc), {"Retry-After": str(settings.retry_after_seconds)}) from None
 
-    draft = settings.max_image_side or None
     with services.batcher.incoming(len(files)):
-        pixels = await asyncio.to_thread(_prepare, model, files, settings.max_image_pixels, draft)
+        # Its own threads: handlers waiting on the database never hold up a predict.
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            services.predict_pool, _prepare, model, files, settings
+        )
     # No await between the announcement's end and the enqueue in `submit`.
     try:
         ranked = await services.batcher.submit(model, pixels, k)

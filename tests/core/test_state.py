@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmc_core.backbone import Backbone, BackboneSpec
+from dmc_core.backbone import Backbone, BackboneSpec, load_backbone, weights_digest
 from dmc_core.files import sha256_file
 from dmc_core.learner import Learner, TaskError
 from dmc_core.state import StateError, load_state, save_state, state_tensors
@@ -256,3 +256,56 @@ def test_format_1_states_still_load(
     assert torch.equal(replica.logits(pixels), learner.logits(pixels))
     # Saved again, it is a format-2 state.
     assert save_state(full, tmp_path / "v2")["format_version"] == 2
+
+
+def test_a_backbone_with_other_weights_under_the_same_name_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 (9): a random-weights backbone (no pretrained tag, no checkpoint) built
+    twice with different seeds has the same id but other weights: refused, whether it is
+    rebuilt from the manifest or given."""
+    torch.manual_seed(1)
+    learner = _learn_two_tasks(Learner(load_backbone("dmc-tiny-vit"), fast_config()))
+    manifest = save_state(learner, tmp_path / "s")
+    assert manifest["backbone_digest"] == learner.backbone.weights_digest
+    torch.manual_seed(2)
+    with pytest.raises(StateError, match=r"different weights.*at random"):
+        load_state(tmp_path / "s")
+    torch.manual_seed(3)
+    with pytest.raises(StateError, match="different weights"):
+        load_state(tmp_path / "s", load_backbone("dmc-tiny-vit"), part="inference")
+    # The same seed: the same weights, and the digest proves it.
+    torch.manual_seed(1)
+    assert load_state(tmp_path / "s").class_names == learner.class_names
+
+
+def test_a_random_backbone_without_a_digest_cannot_be_proven_identical(
+    tmp_path: Path, backbone_factory: Callable[[str], Backbone]
+) -> None:
+    torch.manual_seed(1)
+    save_state(
+        _learn_two_tasks(Learner(load_backbone("dmc-tiny-vit"), fast_config())), tmp_path / "r"
+    )
+    save_state(
+        _learn_two_tasks(Learner(backbone_factory("dmc-tiny-vit"), fast_config())), tmp_path / "c"
+    )
+    for name in ("r", "c"):  # a state saved before the digest existed
+        path = tmp_path / name / MANIFEST
+        manifest = json.loads(path.read_text())
+        del manifest["backbone_digest"]
+        path.write_text(json.dumps(manifest))
+    torch.manual_seed(1)
+    with pytest.raises(StateError, match="cannot be proven identical"):
+        load_state(tmp_path / "r")
+    assert load_state(tmp_path / "c").n_tasks == 2  # a checkpoint names its weights
+
+
+def test_the_weights_digest_is_stable_and_sees_one_changed_weight() -> None:
+    torch.manual_seed(0)
+    first = load_backbone("dmc-tiny-vit")
+    torch.manual_seed(0)
+    again = load_backbone("dmc-tiny-vit")
+    assert first.weights_digest == again.weights_digest == weights_digest(first.model)
+    with torch.no_grad():
+        next(again.model.parameters()).view(-1)[0] += 1e-6
+    assert weights_digest(again.model) != first.weights_digest

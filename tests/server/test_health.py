@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
@@ -23,6 +25,7 @@ def test_healthz_and_readyz(server: Server) -> None:
         "active_version_id": 1,
         "loading_version_id": None,
         "database": True,
+        "database_error": None,
         "error": None,
         "reason": None,
     }
@@ -38,23 +41,66 @@ def test_readyz_is_503_without_a_version(server_factory: Callable[..., Server]) 
     assert body["reason"]
 
 
-def test_readyz_is_503_when_the_database_does_not_answer(
+def test_readyz_is_ready_while_the_database_does_not_answer(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Readiness means "can serve predictions": a database outage must not take every
+    replica out of the load balancer at once. Its details only with an admin key."""
     db = server.client.app.state.services.store.db  # type: ignore[attr-defined]
+    assert server.predict([jpeg()]).status_code == 200  # the key is known
 
     @contextmanager
     def broken() -> Iterator[None]:
-        raise OperationalError("SELECT 1", {}, Exception("connection refused"))
+        raise OperationalError("SELECT 1", {}, Exception("connection refused at db.internal"))
         yield
 
     monkeypatch.setattr(db, "read", broken)
     response = server.client.get("/readyz")
-    assert response.status_code == 503
+    assert response.status_code == 200
     body = response.json()
+    assert body["status"] == "degraded" and body["reason"] is None
     assert body["database"] is False
-    assert "connection refused" in body["reason"]
-    assert body["version_id"] == 1  # the loaded model is still there
+    assert body["version_id"] == 1  # the loaded model still answers
+    assert "db.internal" not in response.text
+    services = server.client.app.state.services  # type: ignore[attr-defined]
+    services.auth.cache_seconds = 1e-9  # expired: the key is asked for, and the store fails
+    assert server.predict([jpeg()]).status_code == 200
+    unknown = server.predict([jpeg()], who="admin-db")  # never verified: cannot be now
+    assert unknown.status_code == 503 and unknown.headers["Retry-After"] == "1"
+    admin = server.client.get("/readyz", headers=server.headers()).json()
+    assert "connection refused at db.internal" in admin["database_error"]
+    predictor = server.client.get("/readyz", headers=server.headers("predict")).json()
+    assert "db.internal" not in str(predictor)
+
+
+def test_readyz_shows_why_a_version_failed_to_load_only_to_an_admin(
+    server_factory: Callable[..., Server],
+) -> None:
+    server = server_factory(publish=())
+    services = server.client.app.state.services  # type: ignore[attr-defined]
+    services.holder.loader = _failing_loader
+    server.publish("v1", parent=None)
+    deadline = time.monotonic() + 30
+    while server.client.get("/readyz").json()["reason"] in (None, *_STARTING):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    anonymous = server.client.get("/readyz")
+    assert anonymous.status_code == 503
+    assert "could not be loaded" in anonymous.json()["reason"]
+    assert "bucket-7" not in anonymous.text
+    admin = server.client.get("/readyz", headers=server.headers())
+    assert "s3://bucket-7/blobs/ab" in admin.json()["reason"]
+
+
+_STARTING = (
+    "the server is starting: the active version is being looked up",
+    "the active version 1 is loading",
+    "no version is active yet: add classes with POST /classes and wait for the job to finish",
+)
+
+
+def _failing_loader(version_id: int) -> Any:
+    raise OSError("s3://bucket-7/blobs/ab is unreachable")
 
 
 def test_metrics(server_factory: Callable[..., Server]) -> None:

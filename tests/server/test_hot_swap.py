@@ -110,7 +110,7 @@ def test_a_corrupt_version_keeps_the_old_one_serving(
     finally:
         results = stream.finish()
     assert {(status, version) for status, version, _ in results} == {(200, 2)}
-    ready = server.client.get("/readyz")
+    ready = server.client.get("/readyz", headers=server.headers())  # admin: the details
     assert ready.status_code == 200
     body = ready.json()
     assert body["status"] == "degraded"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from PIL import Image
 
 from server.errors import UploadError
 from server.uploads import (
@@ -183,3 +184,13 @@ def test_a_corrupt_entry_is_422() -> None:
     data[at] ^= 0xFF  # the CRC no longer matches
     with refused(422, "the zip is corrupt"):
         parse_archive(io.BytesIO(bytes(data)), LIMITS)
+
+
+def test_an_image_of_extreme_aspect_ratio_is_refused() -> None:
+    limits = dataclasses.replace(LIMITS, max_image_aspect_ratio=20.0)
+    buffer = io.BytesIO()
+    Image.new("RGB", (3_000, 1)).save(buffer, format="PNG")
+    files = {"a/0.png": IMAGES[0], "a/wide.png": buffer.getvalue()}
+    with refused(422, "aspect ratio"):
+        parse_archive(io.BytesIO(zip_bytes(files)), limits)
+    parse_archive(io.BytesIO(zip_bytes(files)), LIMITS)  # no ratio limit: accepted

@@ -6,9 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from dmc_core.config import LearnerConfig
-from dmc_core.state import load_state, save_state
+from dmc_core.state import StateError, load_state, save_state
 from store.service import Store
 from tests.worker.helpers import LEARNER_OVERRIDES, settings_for
 from worker.errors import VersionMismatchError
@@ -50,5 +51,25 @@ def test_a_version_becomes_a_learner_only_with_the_classes_the_registry_lists(
         wrong = store.registry.publish(tmp_path / "state", parent_id=empty.id, new_classes=["owl"])
         with pytest.raises(VersionMismatchError, match=r"registry lists \['owl'\]"):
             load_version(store.registry, wrong.id, part="full", device="cpu", cache_dir=None)
+    finally:
+        store.close()
+
+
+def test_a_version_on_a_backbone_with_other_weights_is_refused(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    """Issue 14 (9): no pretrained tag and no checkpoint: each process initialises the
+    backbone at random, under the same id. The weights digest in the manifest tells."""
+    settings = settings_for(
+        tmp_path, checkpoint, backbone_checkpoint=None, backbone_pretrained=None
+    )
+    store = Store.open(settings, upgrade=True)
+    try:
+        torch.manual_seed(1)  # the worker that learned the version
+        save_state(build_base_learner(settings), tmp_path / "state")
+        version = store.registry.publish(tmp_path / "state", parent_id=None, new_classes=())
+        torch.manual_seed(2)  # another process: other random weights
+        with pytest.raises(StateError, match=r"different weights.*DMC_BACKBONE_CHECKPOINT"):
+            load_version(store.registry, version.id, part="full", device="cpu", cache_dir=None)
     finally:
         store.close()
