@@ -280,6 +280,6 @@ def test_a_replica_fetches_and_loads_only_the_inference_part(
         fetched[version] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         manifest_size = (state / "manifest.json").stat().st_size
         assert fetched[version] == part_bytes(version, "inference") + manifest_size
-    memory_growth = part_bytes(v2.id, "training") - part_bytes(1, "training")
-    assert memory_growth > 0
-    assert fetched[v2.id] - fetched[1] < memory_growth / 10
+    # The memory grew from v1 to v2, and none of it was fetched (the equality above): what
+    # a replica fetches grows with the inference part alone.
+    assert part_bytes(v2.id, "training") > part_bytes(1, "training") > 0
