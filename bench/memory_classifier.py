@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dmc_core.calibration import get_calibrator
+from dmc_core.class_scores import cosine_scores, mahalanobis_scores, precision_matrices
 from dmc_core.memory import GaussianMemory, MemoryConfig
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_standin.yaml"
@@ -80,20 +80,20 @@ def record(seed: int, n_tasks: int, loss_classes: str, cache_dir: str) -> dict[s
     }
 
 
+def _accuracy(scores: torch.Tensor, y: torch.Tensor) -> float:
+    return float((scores.argmax(dim=1) == y).double().mean())
+
+
 def mahalanobis_accuracy(memory: GaussianMemory, x: torch.Tensor, y: torch.Tensor) -> float:
-    x = x.double()
-    scores = []
-    for c in memory.class_indices:
-        centred = x - memory.mean(c)
-        factor = torch.linalg.cholesky(memory.covariance(c))
-        solved = torch.linalg.solve_triangular(factor, centred.T, upper=False)
-        scores.append(-(solved**2).sum(dim=0))
-    return float((torch.stack(scores, dim=1).argmax(dim=1) == y).double().mean())
+    classes = memory.class_indices
+    means = torch.stack([memory.mean(c) for c in classes])
+    covariances = torch.stack([memory.covariance(c) for c in classes])
+    return _accuracy(mahalanobis_scores(x, means, precision_matrices(covariances)), y)
 
 
 def cosine_accuracy(memory: GaussianMemory, x: torch.Tensor, y: torch.Tensor) -> float:
-    means = F.normalize(torch.stack([memory.mean(c) for c in memory.class_indices]), dim=1)
-    return float(((F.normalize(x.double(), dim=1) @ means.T).argmax(dim=1) == y).double().mean())
+    means = torch.stack([memory.mean(c) for c in memory.class_indices])
+    return _accuracy(cosine_scores(x, means, 1.0), y)
 
 
 def replay(data: dict[str, Any], config: MemoryConfig, calibrator: Any) -> GaussianMemory:

@@ -28,11 +28,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
+from bench.scale import task_data  # noqa: E402
 from dmc_core.backbone import BackboneSpec, load_backbone  # noqa: E402
 from dmc_core.learner import Learner  # noqa: E402
 from dmc_core.state import save_state, state_tensors  # noqa: E402
@@ -40,21 +39,6 @@ from dmc_core.state_files import files_of_part  # noqa: E402
 from store.service import Store  # noqa: E402
 from store.settings import StoreSettings  # noqa: E402
 from tests.core.toy import fast_config  # noqa: E402
-
-
-def class_images(
-    classes: list[int], per_class: int, seed: int
-) -> tuple[list[Image.Image], list[int]]:
-    """Noisy solid-colour 32x32 images, one random colour per class."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for label, k in enumerate(classes):
-        colour = np.random.default_rng(k).uniform(0, 255, 3)
-        for _ in range(per_class):
-            pixels = colour[None, None, :] + rng.normal(0, 25, (32, 32, 3))
-            images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
-            labels.append(label)
-    return images, labels
 
 
 def run(method: str, args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
@@ -72,7 +56,7 @@ def run(method: str, args: argparse.Namespace, root: Path) -> list[dict[str, Any
         for task in range(tasks):
             colours = list(range(task * per_task, (task + 1) * per_task))
             names = [f"{method} colour {c}" for c in colours]
-            images, labels = class_images(colours, 8, seed=task)
+            images, labels = task_data(colours[0], len(colours), 8, 32)
             learner.learn_task(images, labels, names)
             folder = root / f"state-{task}"
             manifest = save_state(learner, folder)
