@@ -57,50 +57,11 @@ class TaskUploads:
 
         Save before `Jobs.submit`, so a job never starts without its images.
         """
-        location = fresh_prefix(TASKS_ROOT)
-        entries: list[dict[str, Any]] = []
-        try:
-            for index, image in enumerate(images):
-                key = f"{location}images/{index:06d}"
-                if isinstance(image, UploadedImage):
-                    digest = self.objects.put_bytes(key, image.data)
-                else:
-                    with image.open() as stream:
-                        digest = self.objects.put_stream(key, stream)
-                    if image.sha256 is not None and digest != image.sha256:
-                        raise ObjectIntegrityError(key, image.sha256, digest)
-                entries.append(
-                    {
-                        "class_name": image.class_name,
-                        "filename": image.filename,
-                        "key": key[len(location) :],
-                        "sha256": digest,
-                    }
-                )
-            if not entries:
-                raise ValueError("an upload needs at least one image")
-            manifest = json.dumps({"images": entries}, ensure_ascii=False).encode()
-            self.objects.put_bytes(location + _MANIFEST, manifest)
-        except Exception:
-            self.discard(location)
-            raise
-        return location
+        return save_images(self.objects, TASKS_ROOT, images)
 
     def load(self, location: str) -> list[UploadedImage]:
         """The images saved at `location`, each checked against its recorded sha256."""
-        try:
-            manifest = json.loads(self.objects.get_bytes(location + _MANIFEST))
-            entries = manifest["images"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise StoreError(f"the uploads manifest at {location} is unreadable") from error
-        return [
-            UploadedImage(
-                class_name=entry["class_name"],
-                filename=entry["filename"],
-                data=self.objects.get_bytes(location + entry["key"], sha256=entry["sha256"]),
-            )
-            for entry in entries
-        ]
+        return load_images(self.objects, location)
 
     def release(self, task_id: int) -> bool:
         """Delete a task's images (call it once its job has published a version), unless
@@ -114,10 +75,7 @@ class TaskUploads:
 
     def discard(self, location: str) -> None:
         """Delete the images at `location` now (e.g. the duplicate of a replayed upload)."""
-        try:
-            self.objects.delete_prefix(location)
-        except Exception:
-            log.warning("could not delete the uploads at %s; the collector will", location)
+        discard_images(self.objects, location)
 
     def collect_garbage(self, *, grace_seconds: float | None = None) -> list[str]:
         """Remove uploads no task references (saved, then the request failed or crashed)."""
@@ -125,3 +83,63 @@ class TaskUploads:
         return collect_unreferenced(
             self.objects, TASKS_ROOT, self.jobs.tasks.uploads_locations, grace
         )
+
+
+def save_images(
+    objects: ObjectStore, root: str, images: Iterable[UploadedImage | ImageStream]
+) -> str:
+    """Store labelled images under a fresh prefix below `root`, with a manifest written
+    last, and return the prefix; on any failure nothing is left behind."""
+    location = fresh_prefix(root)
+    entries: list[dict[str, Any]] = []
+    try:
+        for index, image in enumerate(images):
+            key = f"{location}images/{index:06d}"
+            if isinstance(image, UploadedImage):
+                digest = objects.put_bytes(key, image.data)
+            else:
+                with image.open() as stream:
+                    digest = objects.put_stream(key, stream)
+                if image.sha256 is not None and digest != image.sha256:
+                    raise ObjectIntegrityError(key, image.sha256, digest)
+            entries.append(
+                {
+                    "class_name": image.class_name,
+                    "filename": image.filename,
+                    "key": key[len(location) :],
+                    "sha256": digest,
+                }
+            )
+        if not entries:
+            raise ValueError("an upload needs at least one image")
+        manifest = json.dumps({"images": entries}, ensure_ascii=False).encode()
+        objects.put_bytes(location + _MANIFEST, manifest)
+    except Exception:
+        discard_images(objects, location)
+        raise
+    return location
+
+
+def load_images(objects: ObjectStore, location: str) -> list[UploadedImage]:
+    """The images `save_images` stored at `location`, each checked against its sha256."""
+    try:
+        manifest = json.loads(objects.get_bytes(location + _MANIFEST))
+        entries = manifest["images"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise StoreError(f"the uploads manifest at {location} is unreadable") from error
+    return [
+        UploadedImage(
+            class_name=entry["class_name"],
+            filename=entry["filename"],
+            data=objects.get_bytes(location + entry["key"], sha256=entry["sha256"]),
+        )
+        for entry in entries
+    ]
+
+
+def discard_images(objects: ObjectStore, location: str) -> None:
+    """Delete the images at `location` now (logged, not raised, if that fails)."""
+    try:
+        objects.delete_prefix(location)
+    except Exception:
+        log.warning("could not delete the uploads at %s; the collector will", location)
