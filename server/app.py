@@ -26,7 +26,16 @@ from server.dependencies import Services
 from server.errors import install_handlers
 from server.metrics import Metrics, MetricsMiddleware
 from server.model import Loader, ModelHolder, store_loader
-from server.routers import classes, health, jobs, keys, predict, versions
+from server.routers import (
+    classes,
+    evaluation_sets,
+    evaluations,
+    health,
+    jobs,
+    keys,
+    predict,
+    versions,
+)
 from server.settings import ServerSettings
 from store.garbage import GarbageTotal
 from store.service import Store
@@ -212,7 +221,7 @@ def create_app(
     metrics.watch_garbage(garbage_totals)
     install_handlers(app)
     _mount_dashboard(app, settings)
-    for module in (classes, predict, jobs, versions, keys, health):
+    for module in (classes, predict, jobs, versions, evaluations, evaluation_sets, keys, health):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -22,6 +22,7 @@ from starlette.routing import compile_path
 
 from store.errors import (
     DuplicateClassError,
+    EvaluationSetNotFoundError,
     IdempotencyConflictError,
     JobNotFoundError,
     JobStateError,
@@ -112,6 +113,7 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 _STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
     (VersionNotFoundError, 404),
+    (EvaluationSetNotFoundError, 404),
     (JobNotFoundError, 404),
     (TaskNotFoundError, 404),
     (JobStateError, 409),

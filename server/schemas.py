@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from store.evaluations import EvaluationInfo, EvaluationSetInfo
 from store.jobs import JobInfo, Submission
 from store.models import JobState
 from store.names import MAX_NAME_LENGTH
@@ -37,6 +39,11 @@ class JobOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     version_id: int | None = Field(description="The version a succeeded job published.")
+    note: str | None = Field(
+        default=None,
+        description="What a succeeded job tells beyond its version: why the promotion "
+        "gate kept the version from becoming active.",
+    )
 
     @classmethod
     def of(cls, job: JobInfo) -> JobOut:
@@ -66,6 +73,62 @@ class SubmissionOut(BaseModel):
         )
 
 
+class EvaluationSetOut(BaseModel):
+    id: int
+    name: str
+    revision: int = Field(description="1, 2, ...: each upload under a name adds one.")
+    class_names: list[str]
+    image_counts: list[int]
+    created_at: datetime
+
+    @classmethod
+    def of(cls, info: EvaluationSetInfo) -> EvaluationSetOut:
+        return cls.model_validate(info, from_attributes=True)
+
+
+class AccuracyOut(BaseModel):
+    images: int
+    correct: int
+    accuracy: float | None = Field(description="Percent; None without images.")
+    parent_correct: int | None
+    parent_accuracy: float | None = Field(description="The parent's, on the same images.")
+    change: float | None = Field(description="accuracy - parent_accuracy, in points.")
+
+
+class ClassAccuracyOut(AccuracyOut):
+    name: str
+    old: bool = Field(description="The parent knew the class.")
+
+
+class ConfusionOut(BaseModel):
+    classes: list[str] = Field(description="The rows: the true classes.")
+    predicted: list[str] = Field(
+        description="The columns: the same classes, then `(other)` for any class outside."
+    )
+    counts: list[list[int]]
+
+
+class EvaluationOut(BaseModel):
+    evaluation_set: EvaluationSetOut
+    baseline_id: int | None = Field(description="The version compared with (the parent).")
+    created_at: datetime
+    overall: AccuracyOut
+    old: AccuracyOut = Field(description="Images of the classes the parent knew.")
+    new: AccuracyOut = Field(description="Images of the classes this version added.")
+    per_class: list[ClassAccuracyOut]
+    confusion: ConfusionOut
+
+    @classmethod
+    def of(cls, info: EvaluationInfo) -> EvaluationOut:
+        results = {k: v for k, v in info.results.items() if k != "evaluation_set"}
+        return cls(
+            evaluation_set=EvaluationSetOut.of(info.evaluation_set),
+            baseline_id=info.baseline_id,
+            created_at=info.created_at,
+            **results,
+        )
+
+
 class VersionOut(BaseModel):
     id: int
     parent_id: int | None
@@ -80,12 +143,29 @@ class VersionOut(BaseModel):
     )
     checksum: str
     active: bool
+    evaluations: list[EvaluationOut] = Field(
+        default_factory=list,
+        description="Its newest results on each evaluation set, against its parent "
+        "(GET /versions/{id} only; empty in lists).",
+    )
 
     @classmethod
-    def of(cls, info: VersionInfo, *, active_id: int | None) -> VersionOut:
-        fields = {name: getattr(info, name) for name in cls.model_fields if name != "active"}
+    def of(
+        cls,
+        info: VersionInfo,
+        *,
+        active_id: int | None,
+        evaluations: Sequence[EvaluationInfo] = (),
+    ) -> VersionOut:
+        own = {"active", "evaluations"}
+        fields = {name: getattr(info, name) for name in cls.model_fields if name not in own}
         return cls(
-            **fields | {"new_classes": list(info.new_classes), "active": info.id == active_id}
+            **fields
+            | {
+                "new_classes": list(info.new_classes),
+                "active": info.id == active_id,
+                "evaluations": [EvaluationOut.of(e) for e in evaluations],
+            }
         )
 
 

@@ -15,6 +15,12 @@ class VersionNotFoundError(StoreError, LookupError):
         self.version_id = version_id
 
 
+class EvaluationSetNotFoundError(StoreError, LookupError):
+    def __init__(self, set_id: int) -> None:
+        super().__init__(f"evaluation set {set_id} does not exist")
+        self.set_id = set_id
+
+
 class VersionInUseError(StoreError):
     """A version cannot be deleted: an alias points at it or other versions build on it."""
 

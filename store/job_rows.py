@@ -56,6 +56,8 @@ class JobInfo:
     # made the latest run.
     lease_expires_at: datetime | None = None
     worker: str | None = None
+    # What a succeeded job tells beyond its version (why it was not activated).
+    note: str | None = None
 
 
 def locked_job(
@@ -116,4 +118,5 @@ def job_info(job: Job) -> JobInfo:
         version_id=job.version_id,
         lease_expires_at=job.lease_expires_at,
         worker=job.worker,
+        note=job.note,
     )

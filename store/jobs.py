@@ -8,8 +8,9 @@ claims, leases and recovery in `store.leases`, the job row helpers in `store.job
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
@@ -60,6 +61,7 @@ class Jobs(JobLeases):
         activate: bool = True,
         payload_digest: str | None = None,
         refuse_taken_classes: bool = False,
+        gate: Mapping[str, Any] | None = None,
     ) -> Submission:
         """Record a task (one upload) and its queued job.
 
@@ -69,7 +71,8 @@ class Jobs(JobLeases):
         `refuse_taken_classes`, a class that a version learned or a queued task brings is
         `ClassesTakenError`, checked after the key, so a replay is never refused.
         `activate=False` asks that the version learned from it is published but not made
-        `active`.
+        `active`; `gate` is the upload's promotion gate (`store.evaluations.GateRule`
+        as JSON) in place of the settings'.
 
         The key lookup, the class check and the insert are one transaction, and
         submitters take turns (a lock on the tasks table), so concurrent submissions of
@@ -96,6 +99,7 @@ class Jobs(JobLeases):
                 created_at=utcnow(),
                 activate=bool(activate),
                 payload_digest=payload_digest,
+                gate=dict(gate) if gate is not None else None,
             )
             session.add(task)
             session.flush()
@@ -205,17 +209,25 @@ class Jobs(JobLeases):
             return self.succeed_in(session, job_id, version_id, attempt=attempt)
 
     def succeed_in(
-        self, session: Session, job_id: int, version_id: int, *, attempt: int | None = None
+        self,
+        session: Session,
+        job_id: int,
+        version_id: int,
+        *,
+        attempt: int | None = None,
+        note: str | None = None,
     ) -> JobInfo:
         """`succeed` inside the caller's transaction, e.g. the one that publishes the
         version (`Registry.publish(..., finalize=...)`), so both commit or neither does.
-        With `attempt`, refused (`LeaseLostError`) unless that run is still the current one."""
+        With `attempt`, refused (`LeaseLostError`) unless that run is still the current one.
+        `note`: what the job should tell beyond its version (e.g. why it is not active)."""
         job = locked_job(session, job_id, (JobState.RUNNING,), "marked succeeded", attempt=attempt)
         if session.get(Version, version_id) is None:
             raise VersionNotFoundError(version_id)
         current = Progress.from_json(job.progress)
         job.state = JobState.SUCCEEDED
         job.version_id = version_id
+        job.note = note
         job.finished_at = utcnow()
         job.lease_expires_at = None
         job.progress = Progress(current.stage, current.total, current.total, 100.0).as_json()

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -146,6 +147,9 @@ class Task(Base):
     # sha256 over the upload's (class, image sha256) pairs: an idempotency key replayed
     # with other images (same classes and counts) is a conflict. None: not recorded.
     payload_digest: Mapped[str | None] = mapped_column(String(64))
+    # This upload's promotion gate (`store.evaluations.GateRule` as JSON) in place of the
+    # settings' one; None: the settings decide.
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):
@@ -172,6 +176,9 @@ class Job(Base):
     # `Jobs.claim_next`).
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     worker: Mapped[str | None] = mapped_column(String(MAX_NAME_LENGTH))
+    # What a succeeded job tells beyond its version, e.g. why the promotion gate kept the
+    # version from becoming active.
+    note: Mapped[str | None] = mapped_column(Text)
 
 
 class Alias(Base):
@@ -207,3 +214,43 @@ class GarbageCount(Base):
     total: Mapped[int] = mapped_column(BigInteger, default=0)
     # When the latest collection of this kind ran (anywhere).
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EvaluationSet(Base):
+    """One revision of a named, labelled image set that versions are evaluated on. Its
+    images live under `location` in the object store (like a task's uploads)."""
+
+    __tablename__ = "evaluation_sets"
+    __table_args__ = (
+        UniqueConstraint("name", "revision"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), index=True)
+    # 1, 2, ... per name: uploading a set under a taken name adds its next revision.
+    revision: Mapped[int] = mapped_column(Integer)
+    class_names: Mapped[list[str]] = mapped_column(JSON)
+    image_counts: Mapped[list[int]] = mapped_column(JSON)
+    location: Mapped[str] = mapped_column(String(512), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Evaluation(Base):
+    """A version's results on one evaluation set, against its parent on the same images."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), index=True
+    )
+    evaluation_set_id: Mapped[int] = mapped_column(
+        ForeignKey("evaluation_sets.id", ondelete="CASCADE"), index=True
+    )
+    # The version compared against (the parent); None for a first version.
+    baseline_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id", ondelete="SET NULL"))
+    # `worker.evaluation.SetResult` as JSON: accuracies overall, per class, old and new.
+    results: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

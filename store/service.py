@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from store.api_keys import ApiKeys
 from store.db import Database, Timeouts, upgrade_database
+from store.evaluations import Evaluations, EvaluationSets
 from store.garbage import GarbageLedger
 from store.jobs import Jobs
 from store.objects import ObjectStore, make_object_store
@@ -26,6 +27,8 @@ class Store:
     uploads: TaskUploads
     api_keys: ApiKeys
     garbage: GarbageLedger
+    evaluation_sets: EvaluationSets
+    evaluations: Evaluations
 
     @classmethod
     def open(
@@ -59,13 +62,18 @@ class Store:
             ),
             api_keys=ApiKeys(db),
             garbage=GarbageLedger(db),
+            evaluation_sets=EvaluationSets(db, objects, gc_grace_seconds=settings.gc_grace_seconds),
+            evaluations=Evaluations(db),
         )
 
     def collect_garbage(self, *, grace_seconds: float | None = None) -> list[str]:
-        """Remove unreferenced version blobs and task uploads; return the removed keys."""
-        return self.registry.collect_garbage(
-            grace_seconds=grace_seconds
-        ) + self.uploads.collect_garbage(grace_seconds=grace_seconds)
+        """Remove unreferenced version blobs, task uploads and evaluation set images;
+        return the removed keys."""
+        return (
+            self.registry.collect_garbage(grace_seconds=grace_seconds)
+            + self.uploads.collect_garbage(grace_seconds=grace_seconds)
+            + self.evaluation_sets.collect_garbage(grace_seconds=grace_seconds)
+        )
 
     def close(self) -> None:
         self.db.dispose()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -28,6 +29,8 @@ class TaskInfo:
     activate: bool = True
     # A digest of the uploaded images (see `Jobs.submit`); None when not recorded.
     payload_digest: str | None = None
+    # The upload's promotion gate (`store.evaluations.GateRule` as JSON); None: the settings'.
+    gate: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -141,4 +144,5 @@ def task_info(task: Task) -> TaskInfo:
         created_at=task.created_at,
         activate=bool(task.activate),
         payload_digest=task.payload_digest,
+        gate=dict(task.gate) if task.gate is not None else None,
     )

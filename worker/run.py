@@ -4,6 +4,7 @@ job's success."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
@@ -41,7 +42,9 @@ from worker.errors import (
     VersionMismatchError,
     WorkerStoppingError,
 )
+from worker.evaluation import EvaluationRun
 from worker.garbage import Scratch
+from worker.gate import GateDecision, decide, gate_rule
 from worker.heartbeat import Heartbeat, ProgressWriter
 from worker.images import decode_task_images
 from worker.locking import LockLostError, UpdateLock
@@ -171,10 +174,23 @@ class JobExecutor:
             learner = self._learner_on(parent, workdir)
             seconds["load_state"] = time.perf_counter() - timer
 
-            progress.learning(learning_stages(learner))
+            old_classes = learner.class_names
+            evaluation = EvaluationRun.load(
+                store, [*old_classes, *task.class_names], max_side=self.settings.max_image_side
+            )
+            baseline_stages = evaluation.stages if old_classes else []
+            progress.learning(baseline_stages + learning_stages(learner) + evaluation.stages)
+            baseline = evaluation.predict(learner, progress) if old_classes else None
             timer = time.perf_counter()
             report = learner.learn_task(images, labels, task.class_names, progress=progress)
             seconds["learn"] = time.perf_counter() - timer
+            results = evaluation.results(
+                evaluation.predict(learner, progress),
+                baseline,
+                old_classes=old_classes,
+                new_classes=task.class_names,
+            )
+            gate = decide(gate_rule(self.settings, task.gate), results.values())
 
             progress.phase("save", SAVE_PERCENT)
             timer = time.perf_counter()
@@ -182,13 +198,13 @@ class JobExecutor:
             save_state(learner, state_dir)
             seconds["save"] = time.perf_counter() - timer
             metrics = _metrics(job, task.id, learner, report.to_dict(), seconds, started)
+            metrics["gate"] = gate.as_json()
             del learner
             _free_memory()
 
             progress.phase("publish", PUBLISH_PERCENT)
 
-            def finalize(session: Session, version: VersionInfo) -> None:
-                store.jobs.succeed_in(session, job.id, version.id, attempt=job.attempts)
+            finalize = functools.partial(_finalize, store, job, results, gate, task.activate)
 
             try:
                 return store.registry.publish(
@@ -197,7 +213,7 @@ class JobExecutor:
                     metrics=metrics,
                     new_classes=task.class_names,
                     task_id=task.id,
-                    activate=task.activate,
+                    activate=task.activate and gate.passed,
                     require_newest_parent=True,
                     finalize=finalize,
                 )
@@ -230,6 +246,22 @@ class JobExecutor:
                 f"the newest version ({parent.id}) cannot be loaded to learn on: {error}. "
                 "Repair or delete that version, then upload the task again"
             ) from error
+
+
+def _finalize(
+    store: Store,
+    job: JobInfo,
+    results: dict[int, dict[str, Any]],
+    gate: GateDecision,
+    activate: bool,
+    session: Session,
+    version: VersionInfo,
+) -> None:
+    """In the publish transaction: the version's evaluations and the job's success (with
+    the gate's note when it kept the version from becoming active)."""
+    store.evaluations.record_in(session, version.id, version.parent_id, results)
+    note = gate.note(version.id) if activate else None
+    store.jobs.succeed_in(session, job.id, version.id, attempt=job.attempts, note=note)
 
 
 def release_uploads(store: Store, task_id: int) -> None:

@@ -68,6 +68,14 @@ class WorkerSettings(StoreSettings):
     # DMC_GC_GRACE_SECONDS, `dmc-job-*` scratch folders of dead runs); 0: never.
     gc_interval_seconds: float = Field(default=600.0, ge=0)
 
+    # --- the promotion gate -------------------------------------------------------------
+    # A learned version becomes active only if, on the evaluation sets, its accuracy on
+    # the old classes is at most this many points below its parent's on the same images
+    # (DMC_GATE_MAX_OLD_DROP) and on its new classes at least this many percent
+    # (DMC_GATE_MIN_NEW_ACCURACY). Unset: not checked. An upload can override both.
+    gate_max_old_drop: float | None = Field(default=None, ge=0, le=100)
+    gate_min_new_accuracy: float | None = Field(default=None, ge=0, le=100)
+
     @field_validator("learner_overrides")
     @classmethod
     def _known_learner_keys(cls, overrides: dict[str, Any]) -> dict[str, Any]:

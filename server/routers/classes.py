@@ -15,6 +15,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from server.dependencies import AdminAccess, ReadAccess, ServicesDep
 from server.errors import UploadError, error, responses
+from server.gate_fields import GATE_FIELDS, gate_override
 from server.schemas import ClassOut, SubmissionOut, links
 from server.uploads import (
     ParsedUpload,
@@ -51,7 +52,7 @@ async def list_classes(services: ServicesDep, _: ReadAccess) -> list[ClassOut]:
     return await asyncio.to_thread(read)
 
 
-def _parse(
+def parse_upload(
     archive: UploadFile | None, images: list[UploadFile], labels: list[str], limits: UploadLimits
 ) -> ParsedUpload:
     if archive is not None and images:
@@ -75,7 +76,7 @@ def _parse(
 
 
 _BINARY = {"type": "string", "format": "binary"}
-_UPLOAD_BODY: dict[str, Any] = {
+UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "description": "One archive, or image files with one label each (not both).",
@@ -109,6 +110,7 @@ _UPLOAD_BODY: dict[str, Any] = {
                             "default": True,
                             "description": "Make the learned version active when the job succeeds.",
                         },
+                        **GATE_FIELDS,
                     },
                     "oneOf": [
                         {
@@ -127,7 +129,7 @@ _UPLOAD_BODY: dict[str, Any] = {
         },
     }
 }
-_FIELDS = ("archive", "images", "labels", "activate")
+_FIELDS = ("archive", "images", "labels", "activate", *GATE_FIELDS)
 
 
 @dataclass
@@ -136,13 +138,16 @@ class UploadForm:
     images: list[UploadFile]
     labels: list[str]
     activate: bool
+    # The upload's promotion gate override (`store.evaluations.GateRule` JSON), if any.
+    gate: dict[str, float] | None = None
 
 
-def _form_fields(form: FormData) -> UploadForm:
-    unknown = sorted(set(form.keys()) - set(_FIELDS))
+def upload_form(form: FormData, fields: tuple[str, ...] = _FIELDS) -> UploadForm:
+    """The upload's fields of a multipart form that may hold only `fields`."""
+    unknown = sorted(set(form.keys()) - set(fields))
     if unknown:
         raise UploadError(
-            422, f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are {_FIELDS}"
+            422, f"unknown field(s) {', '.join(map(repr, unknown))}; the fields are {fields}"
         )
     archives, images = form.getlist("archive"), form.getlist("images")
     labels, activate = form.getlist("labels"), form.getlist("activate")
@@ -159,6 +164,7 @@ def _form_fields(form: FormData) -> UploadForm:
         images=images,  # type: ignore[arg-type]
         labels=labels,  # type: ignore[arg-type]
         activate=active,
+        gate=gate_override(form),
     )
 
 
@@ -169,7 +175,7 @@ async def read_upload(request: Request, services: ServicesDep) -> AsyncIterator[
         raise error(415, "send multipart/form-data with an `archive` file or `images` files")
     most = services.settings.max_upload_images
     async with request.form(max_files=most + 1, max_fields=most + 16) as form:
-        yield _form_fields(form)
+        yield upload_form(form)
 
 
 @router.post(
@@ -183,7 +189,7 @@ async def read_upload(request: Request, services: ServicesDep) -> AsyncIterator[
         cancel=("POST /jobs/{job_id}/cancel", {"job_id": "job_id"}),
         task_jobs=("GET /jobs", {"task_id": "task_id"}),
     ),
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=UPLOAD_BODY,
 )
 async def add_classes(
     services: ServicesDep,
@@ -206,7 +212,9 @@ async def add_classes(
     Answers 202 with the task and job; follow the job at GET /jobs/{job_id}."""
     store = services.store
     limits = UploadLimits.from_settings(services.settings)
-    parsed = await asyncio.to_thread(_parse, upload.archive, upload.images, upload.labels, limits)
+    parsed = await asyncio.to_thread(
+        parse_upload, upload.archive, upload.images, upload.labels, limits
+    )
 
     # A replay, or a class already taken, is answered before the images are stored;
     # `submit` checks both again, with the insert, in one transaction.
@@ -232,6 +240,7 @@ async def add_classes(
         activate=upload.activate,
         payload_digest=parsed.digest,
         refuse_taken_classes=True,
+        gate=upload.gate,
     )
     try:
         submission = await asyncio.to_thread(submit)

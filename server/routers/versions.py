@@ -35,13 +35,16 @@ async def list_versions(
 
 @router.get("/{version_id}", response_model=VersionOut, responses=responses(401, 403, 404, 422))
 async def get_version(services: ServicesDep, _: ReadAccess, version_id: VersionId) -> VersionOut:
-    """One version: its classes, metrics and size."""
-    registry = services.store.registry
+    """One version: its classes, metrics (`gate`: the promotion gate's decision), size,
+    and its newest evaluation on each evaluation set against its parent."""
+    store = services.store
+    registry = store.registry
 
     def read() -> VersionOut:
         info = registry.get(version_id)
         active = registry.active()
-        return VersionOut.of(info, active_id=active.id if active else None)
+        evaluations = store.evaluations.for_version(version_id)
+        return VersionOut.of(info, active_id=active.id if active else None, evaluations=evaluations)
 
     return await asyncio.to_thread(read)
 

@@ -28,6 +28,8 @@ TABLES = {
     "aliases",
     "api_keys",
     "garbage_counts",
+    "evaluation_sets",
+    "evaluations",
     "alembic_version",
 }
 
