@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -50,3 +52,15 @@ def fast_config(method: str = "dmc_ot", **overrides: object) -> LearnerConfig:
     }
     base.update(overrides)
     return LearnerConfig(method=method).with_overrides(base)  # type: ignore[arg-type]
+
+
+def save_colour_folder(folder: Path, classes: dict[str, int], per_class: int, seed: int) -> Path:
+    """A folder with one sub-folder of PNGs per class: `classes` maps each class name to
+    the colour (index into COLOURS) its images show, so a name may be a wrong label."""
+    names = list(classes)
+    images, labels = colour_images([classes[n] for n in names], per_class, seed)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        target = folder / names[label] / f"{i}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        image.save(target)
+    return folder

@@ -1,0 +1,208 @@
+"""`Client`: the HTTP API of a dmc server as typed method calls."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+from tqdm import tqdm
+
+from dmc_client.errors import ConnectionFailedError, JobFailedError, api_error
+from dmc_client.models import EvaluationSet, Job, Predictions, Submission, Version
+
+API_KEY_HEADER = "X-API-Key"
+ImageSource = str | Path | bytes | Any  # a path, encoded bytes, or a PIL image
+M = TypeVar("M", bound=BaseModel)
+
+
+class Client:
+    """A dmc server at `url`, called with `api_key` (an `admin` key for changes).
+
+    Every refusal raises a subclass of `dmc_client.ApiError` carrying the server's message;
+    an unreachable server raises `ConnectionFailedError`."""
+
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 120.0,
+        poll_seconds: float = 0.5,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        headers = {API_KEY_HEADER: api_key} if api_key else {}
+        self.poll_seconds = poll_seconds
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- classes and jobs ---------------------------------------------------------------
+
+    def add_classes(
+        self,
+        folder_or_archive: str | Path,
+        *,
+        wait: bool = True,
+        progress: bool = True,
+        activate: bool = True,
+        gate_max_old_drop: float | None = None,
+        gate_min_new_accuracy: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Upload new classes: a folder with one sub-folder of images per class, or a
+        zip/tar archive laid out so. With `wait`, follow the job to its end (a progress
+        bar with `progress`) and raise `JobFailedError` if it fails or is cancelled; else
+        return the queued job. The gate arguments override the server's promotion gate
+        for this upload; a refused version is published but not active (`job.note`)."""
+        data: dict[str, Any] = {"activate": str(activate).lower()}
+        if gate_max_old_drop is not None:
+            data["gate_max_old_drop"] = str(gate_max_old_drop)
+        if gate_min_new_accuracy is not None:
+            data["gate_min_new_accuracy"] = str(gate_min_new_accuracy)
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with _archive(Path(folder_or_archive)) as (name, archive):
+            submitted = self._call(
+                Submission,
+                "POST",
+                "/classes",
+                files={"archive": (name, archive)},
+                data=data,
+                headers=headers,
+            )
+        return self.wait(submitted.job_id, progress=progress) if wait else submitted.job
+
+    def wait(self, job_id: int, *, progress: bool = True, timeout: float | None = None) -> Job:
+        """Poll a job until it ends; `JobFailedError` unless it succeeded."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        bar_format = "{desc} |{bar}| {n:.0f}%"
+        with tqdm(total=100, bar_format=bar_format, disable=not progress or None) as bar:
+            while True:
+                job = self.job(job_id)
+                bar.set_description(f"job {job.id} {job.state} {job.progress.stage}")
+                bar.n = job.progress.percent
+                bar.refresh()
+                if job.finished:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} is still {job.state} after {timeout} s")
+                time.sleep(self.poll_seconds)
+        if job.state != "succeeded":
+            reason = job.error or "cancelled"
+            raise JobFailedError(job, f"job {job.id} {job.state}: {reason}")
+        return job
+
+    def job(self, job_id: int) -> Job:
+        return self._call(Job, "GET", f"/jobs/{job_id}")
+
+    def jobs(self, *, state: str | None = None, limit: int = 100) -> list[Job]:
+        params: dict[str, Any] = {"limit": limit} | ({"state": state} if state else {})
+        return self._call(list[Job], "GET", "/jobs", params=params)
+
+    def cancel(self, job_id: int) -> Job:
+        return self._call(Job, "POST", f"/jobs/{job_id}/cancel")
+
+    # --- predict ------------------------------------------------------------------------
+
+    def predict(
+        self, paths_or_images: Sequence[ImageSource], top_k: int = 5, version: int | None = None
+    ) -> Predictions:
+        """The top-k classes of each image (file paths, encoded bytes or PIL images), from
+        the active version or a pinned `version`."""
+        files = [("images", _image_file(i, source)) for i, source in enumerate(paths_or_images)]
+        params: dict[str, Any] = {"top_k": top_k} | ({"version": version} if version else {})
+        return self._call(Predictions, "POST", "/predict", files=files, params=params)
+
+    # --- versions -----------------------------------------------------------------------
+
+    def versions(self, *, limit: int = 100) -> list[Version]:
+        """Versions, newest first."""
+        return self._call(list[Version], "GET", "/versions", params={"limit": limit})
+
+    def version(self, version_id: int) -> Version:
+        """One version, with its evaluations against its parent."""
+        return self._call(Version, "GET", f"/versions/{version_id}")
+
+    def activate(self, version_id: int) -> Version:
+        """Make a version the active one (an older one: a rollback)."""
+        return self._call(Version, "POST", f"/versions/{version_id}/activate")
+
+    def evaluate(self, version_id: int) -> Version:
+        """Evaluate a version on the evaluation sets now; the version with the results."""
+        return self._call(Version, "POST", f"/versions/{version_id}/evaluate")
+
+    # --- evaluation sets ----------------------------------------------------------------
+
+    def add_evaluation_set(self, name: str, folder_or_archive: str | Path) -> EvaluationSet:
+        """Upload a labelled image set (laid out as for `add_classes`) under `name`; a
+        name used before gets its next revision."""
+        with _archive(Path(folder_or_archive)) as (filename, archive):
+            return self._call(
+                EvaluationSet,
+                "POST",
+                "/evaluation-sets",
+                files={"archive": (filename, archive)},
+                data={"name": name},
+            )
+
+    def evaluation_sets(self) -> list[EvaluationSet]:
+        return self._call(list[EvaluationSet], "GET", "/evaluation-sets")
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _call(self, model: Any, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as error:
+            raise ConnectionFailedError(
+                f"{method} {self._http.base_url}{path} failed: {error}"
+            ) from error
+        if response.is_error:
+            raise api_error(response)
+        return TypeAdapter(model).validate_python(response.json())
+
+
+@contextmanager
+def _archive(source: Path) -> Iterator[tuple[str, IO[bytes]]]:
+    """An archive file as it is, or a folder zipped into a temporary file (so a large
+    folder is never held in memory)."""
+    if source.is_file():
+        with source.open("rb") as handle:
+            yield source.name, handle
+        return
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is neither a folder of class folders nor an archive")
+    with tempfile.TemporaryFile() as spool:
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_STORED) as archive:
+            for path in sorted(source.rglob("*")):
+                if path.is_file() and not path.name.startswith("."):
+                    archive.write(path, path.relative_to(source).as_posix())
+        spool.seek(0)
+        yield f"{source.name or 'upload'}.zip", spool
+
+
+def _image_file(index: int, source: ImageSource) -> tuple[str, bytes]:
+    if isinstance(source, str | Path):
+        path = Path(source)
+        return path.name, path.read_bytes()
+    if isinstance(source, bytes):
+        return f"{index}", source
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")  # a PIL image
+    return f"{index}.png", buffer.getvalue()
