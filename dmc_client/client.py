@@ -9,25 +9,32 @@ import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import TypeAdapter
 from tqdm import tqdm
 
-from dmc_client.errors import ConnectionFailedError, JobFailedError, api_error
+from dmc_client.errors import (
+    ConnectionFailedError,
+    JobFailedError,
+    ServiceUnavailableError,
+    api_error,
+)
 from dmc_client.models import EvaluationSet, Job, Predictions, Submission, Version
 
 API_KEY_HEADER = "X-API-Key"
 ImageSource = str | Path | bytes | Any  # a path, encoded bytes, or a PIL image
-M = TypeVar("M", bound=BaseModel)
+# The longest pause before trying a busy server again, whatever its Retry-After says.
+_MOST_WAIT_SECONDS = 10.0
 
 
 class Client:
     """A dmc server at `url`, called with `api_key` (an `admin` key for changes).
 
     Every refusal raises a subclass of `dmc_client.ApiError` carrying the server's message;
-    an unreachable server raises `ConnectionFailedError`."""
+    an unreachable server raises `ConnectionFailedError`. Reads and predictions answered
+    503 (busy, a version loading) are tried again up to `retries_when_busy` times."""
 
     def __init__(
         self,
@@ -36,10 +43,12 @@ class Client:
         *,
         timeout: float = 120.0,
         poll_seconds: float = 0.5,
+        retries_when_busy: int = 5,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         headers = {API_KEY_HEADER: api_key} if api_key else {}
         self.poll_seconds = poll_seconds
+        self.retries_when_busy = retries_when_busy
         self._http = httpx.Client(
             base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport
         )
@@ -60,7 +69,7 @@ class Client:
         folder_or_archive: str | Path,
         *,
         wait: bool = True,
-        progress: bool = True,
+        progress: bool | None = True,
         activate: bool = True,
         gate_max_old_drop: float | None = None,
         gate_min_new_accuracy: float | None = None,
@@ -68,9 +77,10 @@ class Client:
     ) -> Job:
         """Upload new classes: a folder with one sub-folder of images per class, or a
         zip/tar archive laid out so. With `wait`, follow the job to its end (a progress
-        bar with `progress`) and raise `JobFailedError` if it fails or is cancelled; else
-        return the queued job. The gate arguments override the server's promotion gate
-        for this upload; a refused version is published but not active (`job.note`)."""
+        bar on stderr with `progress`; None: only on a terminal) and raise
+        `JobFailedError` if it fails or is cancelled; else return the queued job. The
+        gate arguments override the server's promotion gate for this upload; a refused
+        version is published but not active (`job.note` says why)."""
         data: dict[str, Any] = {"activate": str(activate).lower()}
         if gate_max_old_drop is not None:
             data["gate_max_old_drop"] = str(gate_max_old_drop)
@@ -88,11 +98,16 @@ class Client:
             )
         return self.wait(submitted.job_id, progress=progress) if wait else submitted.job
 
-    def wait(self, job_id: int, *, progress: bool = True, timeout: float | None = None) -> Job:
-        """Poll a job until it ends; `JobFailedError` unless it succeeded."""
+    def wait(
+        self, job_id: int, *, progress: bool | None = True, timeout: float | None = None
+    ) -> Job:
+        """Poll a job until it ends (a progress bar as for `add_classes`);
+        `JobFailedError` unless it succeeded."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar_format = "{desc} |{bar}| {n:.0f}%"
-        with tqdm(total=100, bar_format=bar_format, disable=not progress or None) as bar:
+        with tqdm(
+            total=100, bar_format=bar_format, disable=None if progress is None else not progress
+        ) as bar:
             while True:
                 job = self.job(job_id)
                 bar.set_description(f"job {job.id} {job.state} {job.progress.stage}")
@@ -127,7 +142,7 @@ class Client:
         the active version or a pinned `version`."""
         files = [("images", _image_file(i, source)) for i, source in enumerate(paths_or_images)]
         params: dict[str, Any] = {"top_k": top_k} | ({"version": version} if version else {})
-        return self._call(Predictions, "POST", "/predict", files=files, params=params)
+        return self._call(Predictions, "POST", "/predict", files=files, params=params, retry=True)
 
     # --- versions -----------------------------------------------------------------------
 
@@ -166,16 +181,26 @@ class Client:
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def _call(self, model: Any, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as error:
-            raise ConnectionFailedError(
-                f"{method} {self._http.base_url}{path} failed: {error}"
-            ) from error
-        if response.is_error:
-            raise api_error(response)
-        return TypeAdapter(model).validate_python(response.json())
+    def _call(
+        self, model: Any, method: str, path: str, *, retry: bool = False, **kwargs: Any
+    ) -> Any:
+        """One request, its answer as `model`. A 503 (busy, a version loading) is tried
+        again after its Retry-After when the request changes nothing (GET, predict)."""
+        tries = self.retries_when_busy + 1 if retry or method == "GET" else 1
+        for attempt in range(tries):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as error:
+                raise ConnectionFailedError(
+                    f"{method} {self._http.base_url}{path} failed: {error}"
+                ) from error
+            if not response.is_error:
+                return TypeAdapter(model).validate_python(response.json())
+            refusal = api_error(response)
+            if not isinstance(refusal, ServiceUnavailableError) or attempt + 1 == tries:
+                raise refusal
+            time.sleep(min(refusal.retry_after or 1.0, _MOST_WAIT_SECONDS))
+        raise AssertionError("unreachable")
 
 
 @contextmanager
