@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.auth import Authenticator
 from server.batcher import Batcher
+from server.dashboard import evaluations as dashboard_evaluations
 from server.dashboard import router as dashboard
 from server.dashboard import session as dashboard_session
 from server.dependencies import Services
@@ -119,6 +120,7 @@ def _mount_dashboard(app: FastAPI, settings: ServerSettings) -> None:
         https_only=True,
     )
     app.include_router(dashboard.router)
+    app.include_router(dashboard_evaluations.router)
     app.mount("/admin/static", StaticFiles(directory=dashboard.STATIC_DIR), name="admin-static")
 
 

@@ -41,3 +41,24 @@ def calibration_shift(classes: list[str], mean_shift: list[float]) -> bytes:
     axes.set_title("Calibration of old classes")
     axes.grid(alpha=0.3, axis="y")
     return _png(figure)
+
+
+def confusion(classes: list[str], predicted: list[str], counts: list[list[int]]) -> bytes:
+    """An evaluation's confusion counts: true classes down, predicted classes across."""
+    side = max(3.0, 0.45 * len(predicted) + 1.5)
+    figure, axes = plt.subplots(figsize=(side + 1.0, max(2.5, 0.45 * len(classes) + 1.5)))
+    image = axes.imshow(counts, cmap="Blues", aspect="auto")
+    axes.set_xticks(range(len(predicted)), predicted, rotation=45, ha="right")
+    axes.set_yticks(range(len(classes)), classes)
+    if len(classes) <= 30:
+        peak = max((max(row) for row in counts if row), default=0)
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                if value:
+                    colour = "white" if value > peak / 2 else "black"
+                    axes.text(j, i, str(value), ha="center", va="center", color=colour)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true class")
+    axes.set_title("Confusion on the evaluation set")
+    figure.colorbar(image, ax=axes)
+    return _png(figure)

@@ -15,6 +15,7 @@ from fastapi.templating import Jinja2Templates
 
 from server.auth import SCOPE_ADMIN
 from server.dashboard import plots
+from server.dashboard.evaluation_view import version_context
 from server.dashboard.session import SESSION_KEY, signed_in
 from server.dependencies import JobId, ServicesDep, VersionId
 from server.errors import NotSignedInError
@@ -122,6 +123,7 @@ async def version_page(
     by_task: dict[int | None, list[str]] = defaultdict(list)
     for ancestor in lineage:
         by_task[ancestor.metrics.get("task_id")].extend(ancestor.new_classes)
+    evaluations = await asyncio.to_thread(services.store.evaluations.for_version, version_id)
     return _page(
         request,
         "version.html",
@@ -129,6 +131,7 @@ async def version_page(
         active_id=active.id if active else None,
         classes_by_task=dict(by_task),
         has_calibration=bool((version.metrics.get("calibration") or {}).get("classes")),
+        **version_context(version, evaluations),
     )
 
 

@@ -14,20 +14,12 @@ from tests.core.toy import save_colour_folder
 from tests.server.conftest import (  # noqa: F401  (fixtures)
     ADMIN_KEY,
     LEARNER_OVERRIDES,
+    MEMORY_SCHEDULE,
     checkpoint,
     free_port,
     live_server,
     settings_factory,
 )
-
-# The tiny random model's trained prompts tell the colours apart only now and then; its
-# class statistics (memory-fused inference, nothing trained) reliably do (tests.core).
-SCHEDULE = {
-    "stage1.epochs": 0,
-    "stage2.epochs": 0,
-    "inference.memory_score": "mahalanobis",
-    "inference.memory_weight": 1.0,
-}
 
 
 def test_gate_refuses_a_worse_version_and_accepts_a_normal_one(
@@ -38,7 +30,7 @@ def test_gate_refuses_a_worse_version_and_accepts_a_normal_one(
         port=free_port(),
         gate_max_old_drop=15.0,
         gate_min_new_accuracy=80.0,
-        learner_overrides=LEARNER_OVERRIDES | SCHEDULE,
+        learner_overrides=LEARNER_OVERRIDES | MEMORY_SCHEDULE,
     )
     folder = tmp_path / "uploads"
     held_out = {"red": 0, "green": 1, "blue": 2, "yellow": 3}
