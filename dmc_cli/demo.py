@@ -1,7 +1,9 @@
 """`dmc demo`: the service in its embedded mode (SQLite, a local object folder, in-process
-jobs, the offline stand-in model), walked through over HTTP like a user would: two tasks of
-Fashion-MNIST classes are added, the jobs' progress is shown, held-out images are predicted
-after each task, the first version is restored (rollback) and the predictions follow."""
+jobs, the offline stand-in model), walked through with the Python client like a user would:
+an evaluation set of held-out images is uploaded, two tasks of Fashion-MNIST classes are
+added, the jobs' progress is shown with each new version's evaluation against its parent,
+held-out images are predicted after each task, the first version is restored (rollback)
+and the predictions follow."""
 
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import typer
 from PIL import Image
-from tqdm import tqdm
+
+from dmc_client import Client, Job, JobFailedError
 
 TASKS = ([0, 1, 8], [5, 7, 9])  # t-shirt, trouser, bag; then sandal, sneaker, ankle boot
 PREDICT_BATCH = 32
@@ -52,9 +54,9 @@ def _pick(labels: np.ndarray, classes: list[int], per_class: int) -> np.ndarray:
 
 
 class Walkthrough:
-    """The user's side: plain HTTP calls against the running server."""
+    """The user's side: the service's Python client (`dmc_client`), over HTTP."""
 
-    def __init__(self, client: httpx.Client, options: DemoOptions) -> None:
+    def __init__(self, client: Client, options: DemoOptions) -> None:
         from dmc_core.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
         self.client = client
@@ -63,26 +65,39 @@ class Walkthrough:
         self.train = load_fashion_mnist("train")
         self.test = load_fashion_mnist("test")
 
-    def add_task(self, classes: list[int]) -> dict[str, Any]:
+    def _folder(self, name: str, pixels: np.ndarray, labels: np.ndarray, index: np.ndarray) -> Path:
+        """The images `index` as a folder with one sub-folder per class (what users upload)."""
+        folder = self.options.folder / "uploads" / name
+        for i in index:
+            target = folder / self.names[int(labels[i])] / f"{i}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(_png(pixels[i]))
+        return folder
+
+    def add_evaluation_set(self, classes: list[int]) -> None:
+        """Held-out images (none of those predicted below) that every version is checked on."""
+        images, labels = self.test
+        per_class = self.options.test_per_class
+        index = np.concatenate(
+            [np.flatnonzero(labels == k)[per_class : 2 * per_class] for k in classes]
+        )
+        added = self.client.add_evaluation_set(
+            "held-out", self._folder("eval", images, labels, index)
+        )
+        typer.echo(
+            f"Evaluation set {added.name!r} (revision {added.revision}): "
+            f"{sum(added.image_counts)} held-out images of {len(added.class_names)} classes"
+        )
+
+    def add_task(self, number: int, classes: list[int]) -> Job:
         images, labels = self.train
         index = _pick(labels, classes, self.options.images_per_class)
-        files = [("images", (f"{i}.png", _png(images[i]), "image/png")) for i in index]
-        data = {"labels": [self.names[int(labels[i])] for i in index]}
-        response = self.client.post("/classes", files=files, data=data)
-        response.raise_for_status()
-        return response.json()
-
-    def follow(self, job_id: int) -> dict[str, Any]:
-        # disable=None: a live bar on a terminal, nothing in a log (the outcome is printed).
-        with tqdm(total=100, bar_format="{desc} |{bar}| {n:.0f}%", disable=None) as bar:
-            while True:
-                job = self.client.get(f"/jobs/{job_id}").json()
-                bar.set_description(f"  job {job_id} {job['state']:9} {job['progress']['stage']:7}")
-                bar.n = job["progress"]["percent"]
-                bar.refresh()
-                if job["state"] in ("succeeded", "failed", "cancelled"):
-                    return job
-                time.sleep(0.5)
+        folder = self._folder(f"task-{number}", images, labels, index)
+        # progress=None: a live bar on a terminal, nothing in a log (the outcome is printed).
+        try:
+            return self.client.add_classes(folder, wait=True, progress=None)
+        except JobFailedError as error:
+            raise RuntimeError(str(error)) from error
 
     def predict(self, classes: list[int], version: int | None = None) -> tuple[float, list[str]]:
         """Top-1 accuracy on held-out images of `classes`, and the predicted names."""
@@ -90,38 +105,53 @@ class Walkthrough:
         index = _pick(labels, classes, self.options.test_per_class)
         predicted: list[str] = []
         for start in range(0, len(index), PREDICT_BATCH):
-            chunk = index[start : start + PREDICT_BATCH]
-            files = [("images", (f"{i}.png", _png(images[i]), "image/png")) for i in chunk]
-            params = {"top_k": 1} | ({"version": version} if version else {})
-            response = self.client.post("/predict", files=files, params=params)
-            response.raise_for_status()
-            predicted += [p["classes"][0]["name"] for p in response.json()["predictions"]]
+            chunk = [_png(images[i]) for i in index[start : start + PREDICT_BATCH]]
+            answer = self.client.predict(chunk, top_k=1, version=version)
+            predicted += [p.classes[0].name for p in answer.predictions]
         truth = [self.names[int(y)] for y in labels[index]]
         accuracy = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
         return accuracy, predicted
+
+    def show_evaluation(self, version_id: int) -> None:
+        version = self.client.version(version_id)
+        gate = version.gate or {}
+        for evaluation in version.evaluations:
+            old, new = evaluation.old, evaluation.new
+            parts = [f"new classes {_percent(new.accuracy)}"]
+            if old.images:
+                parts.insert(
+                    0,
+                    f"old classes {_percent(old.accuracy)} (parent "
+                    f"{_percent(old.parent_accuracy)})",
+                )
+            typer.echo(f"  evaluation on {evaluation.evaluation_set.name!r}: {', '.join(parts)}")
+        if gate:
+            typer.echo(f"  promotion gate: {'passed' if gate['passed'] else 'refused'}")
 
     def run(self) -> dict[str, Any]:
         say = typer.echo
         seen: list[int] = []
         results: dict[str, Any] = {"accuracy": [], "versions": []}
+        self.add_evaluation_set([k for task in TASKS for k in task])
         for number, classes in enumerate(TASKS, 1):
             names = [self.names[k] for k in classes]
             say(
-                f"\nTask {number}: POST /classes with {names}, {self.options.images_per_class} "
-                "images each"
+                f"\nTask {number}: client.add_classes() with {names}, "
+                f"{self.options.images_per_class} images each"
             )
-            submitted = self.add_task(classes)
-            job = self.follow(submitted["job_id"])
-            say(f"  job {job['id']} {job['state']} after {job['attempts']} attempt(s)")
-            if job["state"] != "succeeded":
-                raise RuntimeError(f"job {job['id']} ended {job['state']}: {job['error']}")
+            job = self.add_task(number, classes)
+            say(f"  job {job.id} {job.state} after {job.attempts} attempt(s)")
+            if job.note:
+                say(f"  {job.note}")
+            version_id = job.version_id or 0
+            self.show_evaluation(version_id)
             seen += classes
-            self.wait_for_version(job["version_id"])
+            self.wait_for_version(version_id)
             accuracy, _ = self.predict(seen)
             results["accuracy"].append(accuracy)
-            results["versions"].append(job["version_id"])
+            results["versions"].append(version_id)
             say(
-                f"  version v{job['version_id']} is active; held-out accuracy on the "
+                f"  version v{version_id} is active; held-out accuracy on the "
                 f"{len(seen)} classes learned so far: {accuracy:.1%}"
             )
 
@@ -129,10 +159,10 @@ class Walkthrough:
         new_classes = list(TASKS[-1])
         _, before = self.predict(new_classes)
         say(
-            f"\nRollback: POST /versions/{first}/activate (v{last} knows "
+            f"\nRollback: client.activate({first}) (v{last} knows "
             f"{len(seen)} classes, v{first} only {len(TASKS[0])})"
         )
-        self.client.post(f"/versions/{first}/activate").raise_for_status()
+        self.client.activate(first)
         self.wait_for_version(first)
         _, after = self.predict(new_classes)
         say("  held-out images of task 2's classes, predicted before and after the rollback:")
@@ -149,14 +179,17 @@ class Walkthrough:
     def wait_for_version(self, version_id: int, timeout: float = 60.0) -> None:
         """Until predict answers with `version_id` (the server swaps versions in the background)."""
         images, _ = self.test
-        files = [("images", ("probe.png", _png(images[0]), "image/png"))]
+        probe = [_png(images[0])]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            response = self.client.post("/predict", files=files)
-            if response.status_code == 200 and response.json()["version_id"] == version_id:
+            if self.client.predict(probe, top_k=1).version_id == version_id:
                 return
             time.sleep(0.3)
         raise TimeoutError(f"the server did not switch to version {version_id}")
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}%"
 
 
 def demo_settings(options: DemoOptions) -> Any:
@@ -205,7 +238,7 @@ def run_service_demo(options: DemoOptions) -> dict[str, Any]:
             while not server.started:
                 time.sleep(0.1)
             typer.echo(f"Service running at {url} (embedded mode, data in {options.folder})")
-            with httpx.Client(base_url=url, timeout=120) as client:
+            with Client(url, timeout=120) as client:
                 outcome.update(Walkthrough(client, options).run())
             typer.echo(
                 f"\nDashboard: {url}/admin (auth is off in the demo: any key signs in)"
