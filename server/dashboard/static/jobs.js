@@ -51,7 +51,7 @@ function render(data) {
     const state = cell(job.state);
     state.className = `state-${job.state}`;
     tr.append(cell(job.id), cell(job.task_id), state,
-      cell(job.version_id ? `v${job.version_id}` : "–"), cell(job.error || ""));
+      cell(job.version_id ? `v${job.version_id}` : "–"), cell(job.error || job.note || ""));
     return tr;
   }));
 }
