@@ -13,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
-
 from dmc_core.learner import Learner
 from store.evaluations import EvaluationInfo, EvaluationSetInfo
 from store.service import Store
@@ -33,10 +31,11 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class SetImages:
-    """The decoded images of one evaluation set, with their class names."""
+    """The images of one evaluation set as stored (encoded: a batch at a time is decoded,
+    so a large set never sits in memory as pixels), with their class names."""
 
     info: EvaluationSetInfo
-    images: list[Image.Image]
+    images: list[bytes]
     names: list[str]
 
     def covering(self, classes: Sequence[str]) -> SetImages | None:
@@ -52,24 +51,24 @@ class EvaluationRun:
     """The evaluation sets that cover a version's classes, and what its learner (and its
     parent's, on the same images) predicts for them."""
 
-    def __init__(self, sets: Sequence[SetImages]) -> None:
+    def __init__(self, sets: Sequence[SetImages], *, max_side: int) -> None:
         self.sets = list(sets)
+        self.max_side = max_side
 
     @classmethod
     def load(cls, store: Store, classes: Sequence[str], *, max_side: int) -> EvaluationRun:
-        """The newest revision of every evaluation set, restricted to `classes`."""
+        """The newest revision of every evaluation set, restricted to `classes`; images
+        are decoded as uploads are (at most `max_side` pixels a side)."""
         covered = []
         for info in store.evaluation_sets.list(latest_only=True):
             if not set(info.class_names) & set(classes):
                 continue
-            images, names = [], []
-            for upload in store.evaluation_sets.load(info):
-                images.append(decode_image(upload.data, max_side=max_side))
-                names.append(upload.class_name)
-            part = SetImages(info, images, names).covering(classes)
+            uploads = store.evaluation_sets.load(info)
+            whole = SetImages(info, [u.data for u in uploads], [u.class_name for u in uploads])
+            part = whole.covering(classes)
             if part is not None:
                 covered.append(part)
-        return cls(covered)
+        return cls(covered, max_side=max_side)
 
     @property
     def image_count(self) -> int:
@@ -88,7 +87,10 @@ class EvaluationRun:
         for part in self.sets:
             names: list[str] = []
             for start in range(0, len(part.images), batch):
-                chunk = part.images[start : start + batch]
+                chunk = [
+                    decode_image(data, max_side=self.max_side)
+                    for data in part.images[start : start + batch]
+                ]
                 names += [p.names[0] for p in learner.predict(chunk, top_k=1)]
                 done += len(chunk)
                 if progress is not None:
