@@ -24,6 +24,9 @@ from dmc_core.state_files import MANIFEST
 from dmc_core.text import text_tower_for
 from tests.core.toy import FAMILIES, colour_images, fast_config
 
+# Short schedules: these tests are about where things run, not what is learned.
+QUICK = {"stage1.epochs": 1, "stage2.epochs": 2}
+
 
 def test_auto_falls_back_to_the_cpu_when_cuda_cannot_start_and_says_so(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
@@ -43,7 +46,7 @@ def test_a_bf16_backbone_learns_and_predicts(
     family: str, checkpoints: dict[str, BackboneSpec]
 ) -> None:
     backbone = load_backbone(checkpoints[family], precision="bf16")
-    learner = Learner(backbone, fast_config("dmc_ot", **{"stage2.epochs": 2}))
+    learner = Learner(backbone, fast_config("dmc_ot", **QUICK))
     for task, classes in enumerate(([0, 1], [2, 3])):
         images, labels = colour_images(classes, 6, seed=task)
         learner.learn_task(images, labels, [f"colour {k}" for k in classes])
@@ -58,7 +61,7 @@ def test_a_state_saved_on_a_gpu_loads_on_a_machine_without_one(
 ) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    learner = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot"))
+    learner = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot", **QUICK))
     images, labels = colour_images([0, 1], 6, seed=0)
     learner.learn_task(images, labels, ["red", "green"])
     save_state(learner, state_dir)
@@ -86,7 +89,7 @@ def _learn(learner: Learner, seen: list[bool]) -> dict[str, torch.Tensor]:
 def test_the_deterministic_mode_holds_while_learning_and_repeats_bit_for_bit(
     backbone_factory: Callable[[str], Backbone],
 ) -> None:
-    config = fast_config("dmc_ot", deterministic=True)
+    config = fast_config("dmc_ot", deterministic=True, **QUICK)
     seen: list[bool] = []
     first = _learn(Learner(backbone_factory("dmc-tiny-vit"), config), seen)
     assert seen and all(seen)
@@ -96,7 +99,7 @@ def test_the_deterministic_mode_holds_while_learning_and_repeats_bit_for_bit(
     assert all(torch.equal(first[k], second[k]) for k in first)
 
     plain: list[bool] = []
-    _learn(Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot")), plain)
+    _learn(Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot", **QUICK)), plain)
     assert not any(plain)
 
 
@@ -109,7 +112,7 @@ def test_loader_workers_give_the_same_state(
         _learn(
             Learner(
                 backbone_factory("dmc-tiny-vit"),
-                fast_config("dmc_ot", loader_workers=workers, **{"stage1.augment": False}),
+                fast_config("dmc_ot", loader_workers=workers, **QUICK, **{"stage1.augment": False}),
             ),
             [],
         )
