@@ -9,13 +9,13 @@ while a quarter of the bytes cross to the device (and can be kept once per task)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torchvision.transforms.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
 
@@ -39,7 +39,17 @@ class PixelTransform:
             return pixels
         if self.mean is None or self.std is None:
             raise ValueError("uint8 pixels, but the transform has no normalisation to apply")
-        return TF.normalize(pixels.float().div(255), list(self.mean), list(self.std))
+        # torchvision's Normalize, less its check that no std is 0 (a host-device sync).
+        mean, std = (
+            _channel_values(self.mean, pixels.device),
+            _channel_values(self.std, pixels.device),
+        )
+        return pixels.float().div(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _channel_values(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
 
 
 def split_transform(transform: Callable[[Any], torch.Tensor]) -> PixelTransform:

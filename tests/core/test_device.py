@@ -156,3 +156,15 @@ def test_task_tokens_per_class_follow_each_classs_task(
     rows = prompts._task_tokens_per_class()
     assert rows.shape == (5, 4, prompts.width)
     assert rows[:, 0, 0].tolist() == [0.0, 0.0, 1.0, 0.0, 2.0]
+
+
+def test_predict_takes_uint8_pixels_and_answers_as_with_the_float_transform(
+    backbone_factory: Callable[[str], Backbone],
+) -> None:
+    learner = Learner(backbone_factory("dmc-tiny-vit"), fast_config("dmc_ot"))
+    learner.prompts.restore_classes(["red", "blue", "green"], [0, 0, 1])
+    images, _ = colour_images([0, 2, 4], 2, seed=4)
+    pixels = learner.preprocess(images)
+    assert pixels.dtype == torch.uint8  # a quarter of float32's bytes to the device
+    floats = torch.stack([learner.backbone.preprocess_val(image) for image in images])
+    assert torch.equal(learner.logits(pixels), learner.logits(floats))
