@@ -126,7 +126,9 @@ def preprocess_all(
     """Every image through `transform`, stacked in order (pinned for a GPU)."""
     out: torch.Tensor | None = None
     start = 0
-    for pixels, _ in image_batches(images, transform, batch_size, workers=workers, device=device):
+    # The batches stay unpinned: they are copied into `out`, which is pinned once.
+    host = torch.device("cpu")
+    for pixels, _ in image_batches(images, transform, batch_size, workers=workers, device=host):
         if out is None:
             out = torch.empty(
                 (len(images), *pixels.shape[1:]),
