@@ -41,8 +41,8 @@ class WorkerSettings(StoreSettings):
     deterministic: bool = False
     # Dotted LearnerConfig keys, as JSON: DMC_LEARNER_OVERRIDES='{"stage1.epochs": 5}'.
     # All of them shape the base learner; for later tasks only the schedule keys
-    # (stage1.*, stage2.*, calibration.*, feature_batch_size) apply, the others are fixed
-    # by the saved state.
+    # (stage1.*, stage2.*, calibration.*, feature_batch_size, loader_workers) apply, the
+    # others are fixed by the saved state.
     learner_overrides: dict[str, Any] = Field(default_factory=dict)
     min_images_per_class: int = Field(default=2, ge=1)
     # Uploaded images are shrunk to at most this many pixels a side when decoded (the
