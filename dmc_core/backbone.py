@@ -196,7 +196,9 @@ def weights_digest(model: nn.Module) -> str:
 
 
 def save_checkpoint(model: nn.Module, path: Path) -> str:
-    """Save the model's weights where `BackboneSpec(checkpoint=path)` loads them; returns sha256."""
+    """Save the model's weights where `BackboneSpec(checkpoint=path)` loads them; returns sha256.
+    The tensors are saved from the CPU, so that the file loads on any machine."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save({"state_dict": model.state_dict()}, tmp))
+    weights = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save({"state_dict": weights}, tmp))
     return sha256_file(path)

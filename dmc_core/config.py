@@ -131,6 +131,12 @@ class LearnerConfig:
     # "bf16" autocasts the forward passes on CUDA; weights stay fp32.
     precision: Literal["fp32", "bf16"] = "fp32"
     feature_batch_size: int = 128
+    # DataLoader worker processes that preprocess images; None: none on a CPU, up to 8
+    # on a GPU (dmc_core.pixels.loader_workers).
+    loader_workers: int | None = None
+    # Deterministic algorithms and math attention while learning (dmc_core.device): the
+    # same seed gives bit-identical states on a GPU too, at some speed (README).
+    deterministic: bool = False
 
     @property
     def uses_task_tokens(self) -> bool:

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.utils import parametrize
-from torch.utils.data import DataLoader, Dataset
 
 from dmc_core.adapters import (
     adapter_state_dict,
@@ -27,8 +27,17 @@ from dmc_core.backbone import Backbone
 from dmc_core.calibration import CalibrationReport, Calibrator, get_calibrator
 from dmc_core.class_scores import MemoryScorer
 from dmc_core.config import LearnerConfig, Stage2Config
+from dmc_core.device import deterministic_algorithms, prepare
 from dmc_core.errors import DmcError
 from dmc_core.memory import GaussianMemory
+from dmc_core.pixels import (
+    PixelTransform,
+    image_batches,
+    loader_workers,
+    preprocess_all,
+    split_transform,
+    to_device,
+)
 from dmc_core.prompts import PromptLearner
 from dmc_core.text import text_tower_for
 
@@ -73,19 +82,6 @@ class TaskReport:
         return dataclasses.asdict(self)
 
 
-class _Images(Dataset[tuple[torch.Tensor, int]]):
-    def __init__(
-        self, images: Sequence[Any], labels: Sequence[int], transform: Callable[[Any], torch.Tensor]
-    ) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[index]), int(self.labels[index])
-
-
 def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
@@ -120,10 +116,17 @@ class Learner:
         self.backbone = backbone
         self.config = config or LearnerConfig()
         self.device = torch.device(self.config.device)
+        prepare(self.device, deterministic=self.config.deterministic)
         model = backbone.model.to(self.device)
         model.requires_grad_(False)
         model.eval()
         torch.manual_seed(self.config.seed)
+        # Read once: the scale is frozen, and reading it is a host-device sync.
+        self._backbone_logit_scale = backbone.logit_scale
+        # A backbone loaded in bf16 takes bf16 input (its LoRA weights stay float32).
+        self._input_dtype = _input_dtype(backbone.visual)
+        self.eval_transform = split_transform(backbone.preprocess_val)
+        self.train_transform = _train_transform(backbone.preprocess_train, self.eval_transform)
         self.adapter_targets = attach_adapter(backbone.visual, self.config.adapter)
         self.text_tower = text_tower_for(model, backbone.tokenizer)
         n_task_tokens = self.config.prompts.task_tokens if self.config.uses_task_tokens else 0
@@ -154,16 +157,18 @@ class Learner:
 
     @property
     def logit_scale(self) -> float:
-        return self.config.logit_scale or self.backbone.logit_scale
+        return self.config.logit_scale or self._backbone_logit_scale
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         enabled = self.config.precision == "bf16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Un-normalised image embeddings of a preprocessed batch, in float32."""
+        """Un-normalised image embeddings, in float32, of a preprocessed batch: uint8 from
+        `preprocess` (normalised here, on the device) or the transform's float output."""
+        pixels = self.eval_transform.finish(to_device(pixels, self.device))
         with self._autocast():
-            return self.backbone.model.encode_image(pixels.to(self.device)).float()
+            return self.backbone.model.encode_image(pixels.to(self._input_dtype)).float()
 
     def text_prototypes(self) -> torch.Tensor:
         """L2-normalised text features of every seen class, cached until the prompts change."""
@@ -221,7 +226,13 @@ class Learner:
         return self._memory_scorer  # type: ignore[return-value]
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
-        return torch.stack([self.backbone.preprocess_val(image) for image in images])
+        """The batch of the test transform's pixels, as uint8 when the transform allows
+        (`encode_images` normalises them on the device)."""
+        return torch.stack([self.eval_transform.to_uint8(image) for image in images])
+
+    @property
+    def loader_workers(self) -> int:
+        return loader_workers(self.config.loader_workers, self.device)
 
     def predict(self, images: Sequence[Any] | torch.Tensor, top_k: int = 5) -> list[Prediction]:
         """Top-k class names and probabilities for PIL images or a preprocessed batch."""
@@ -261,7 +272,8 @@ class Learner:
         self._validate_task(images, labels, class_names)
         saved = self._snapshot()
         try:
-            return self._learn_task(images, labels, class_names, progress)
+            with deterministic_algorithms(self.config.deterministic):
+                return self._learn_task(images, labels, class_names, progress)
         except BaseException:
             self._restore_snapshot(saved)
             raise
@@ -308,7 +320,17 @@ class Learner:
         local_labels = torch.tensor(list(labels), dtype=torch.long)
 
         calibrate = self.config.uses_calibration and len(self.memory) > 0
-        old_features = self._encode_dataset(images, labels, progress) if calibrate else None
+        # The test transform's pixels, made once: both encoders' passes read them.
+        pixels = preprocess_all(
+            images,
+            self.eval_transform.to_uint8,
+            self.config.feature_batch_size,
+            workers=self.loader_workers,
+            device=self.device,
+        )
+        report.seconds["preprocess"] = time.perf_counter() - timer
+        timer = time.perf_counter()
+        old_features = self._encode_pixels(pixels, progress) if calibrate else None
         report.seconds["encode_old"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
@@ -318,7 +340,8 @@ class Learner:
         report.seconds["stage1"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
-        new_features = self._encode_dataset(images, labels, progress)
+        new_features = self._encode_pixels(pixels, progress)
+        del pixels
         if old_features is not None:
             calibration = _make_calibrator(self.config).calibrate(
                 self.memory,
@@ -377,33 +400,14 @@ class Learner:
                     f"{self.config.min_images_per_class} are needed"
                 )
 
-    def _loader(
-        self,
-        images: Sequence[Any],
-        labels: Sequence[int],
-        transform: Callable[[Any], torch.Tensor],
-        batch_size: int,
-        generator: torch.Generator | None,
-    ) -> DataLoader[tuple[torch.Tensor, int]]:
-        return DataLoader(
-            _Images(images, labels, transform),
-            batch_size=batch_size,
-            shuffle=generator is not None,
-            generator=generator,
-        )
-
-    def _encode_dataset(
-        self, images: Sequence[Any], labels: Sequence[int], progress: ProgressCallback
-    ) -> torch.Tensor:
-        loader = self._loader(
-            images, labels, self.backbone.preprocess_val, self.config.feature_batch_size, None
-        )
+    def _encode_pixels(self, pixels: torch.Tensor, progress: ProgressCallback) -> torch.Tensor:
+        batches = pixels.split(self.config.feature_batch_size)
         chunks = []
         with torch.inference_mode():
-            for step, (pixels, _) in enumerate(loader, 1):
-                chunks.append(self.encode_images(pixels).cpu())
-                progress("encode", step, len(loader))
-        return torch.cat(chunks)
+            for step, batch in enumerate(batches, 1):
+                chunks.append(self.encode_images(batch))
+                progress("encode", step, len(batches))
+        return torch.cat(chunks).cpu()
 
     def _anchor_features(self, new_names: list[str]) -> tuple[torch.Tensor, int]:
         """Stage-1 anchors (normalised) and the global index of their first class.
@@ -440,29 +444,41 @@ class Learner:
         first_new = len(self.class_names)
         anchors, offset = self._anchor_features(new_names)
         targets = (local_labels + first_new - offset).tolist()
-        transform = self.backbone.preprocess_train if cfg.augment else self.backbone.preprocess_val
-        loader = self._loader(images, targets, transform, cfg.batch_size, generator)
+        transform = self.train_transform if cfg.augment else self.eval_transform
+        loader = image_batches(
+            images,
+            transform.to_uint8,
+            cfg.batch_size,
+            workers=self.loader_workers,
+            device=self.device,
+            labels=targets,
+            generator=generator,
+        )
         params = trainable_parameters(self.backbone.visual)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = cfg.epochs * len(loader)
         scheduler = _cosine_schedule(optimizer, total)
         # The tower stays in eval mode: batch-norm statistics are part of the frozen
         # backbone (they are not in the saved state), and LoRA needs no dropout.
-        step, loss_sum, correct, seen = 0, 0.0, 0, 0
+        # The loss and accuracy add up on the device: no host-device sync inside a step.
+        step = 0
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         for _ in range(cfg.epochs):
-            loss_sum, correct, seen = 0.0, 0, 0
+            loss_sum.zero_()
+            correct.zero_()
             for pixels, y in loader:
-                y = y.to(self.device)
+                y = y.to(self.device, non_blocking=True)
                 features = F.normalize(self.encode_images(pixels), dim=-1)
                 logits = self.logit_scale * features @ anchors.T
                 loss = F.cross_entropy(logits, y)
                 _optimise(optimizer, scheduler, loss)
                 step += 1
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(dim=-1) == y).sum())
-                seen += len(y)
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.detach().argmax(dim=-1) == y).sum()
                 progress("stage1", step, total)
-        return loss_sum / seen, correct / seen
+        seen = len(targets)
+        return float(loss_sum) / seen, int(correct) / seen
 
     def _stage2(
         self,
@@ -571,6 +587,23 @@ def replay_counts(
     if remainder:
         counts[torch.randperm(n_old, generator=generator)[:remainder]] += 1
     return counts
+
+
+def _input_dtype(visual: nn.Module) -> torch.dtype:
+    """The dtype of the image tower's first convolution or linear weights."""
+    for module in visual.modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            return module.weight.dtype
+    return torch.float32
+
+
+def _train_transform(train: Callable[[Any], torch.Tensor], test: PixelTransform) -> PixelTransform:
+    """The train transform cut like the test one when both normalise alike (a uint8 batch
+    is normalised with the test transform's mean and std); else whole (float output)."""
+    cut = split_transform(train)
+    if (cut.mean, cut.std) == (test.mean, test.std):
+        return cut
+    return PixelTransform(train)
 
 
 def _make_calibrator(config: LearnerConfig) -> Calibrator:

@@ -14,6 +14,7 @@ when its stage 2 starts (`add_task_tokens`), initialised from the previous task'
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -149,9 +150,18 @@ class PromptLearner(nn.Module):
         n_classes = len(self.class_names)
         learned = self.ctx.unsqueeze(0).expand(n_classes, -1, -1)
         if self.n_task_tokens:
-            per_class = torch.stack(list(self.task_tokens))[torch.tensor(self.class_tasks)]
-            learned = torch.cat([learned, per_class], dim=1)
+            learned = torch.cat([learned, self._task_tokens_per_class()], dim=1)
         return self._encode(self.token_ids, learned)
+
+    def _task_tokens_per_class(self) -> torch.Tensor:
+        """[n_classes, L, width]: each class's task tokens. A class's task is one of a run of
+        equal tasks in class order, so each run is its task's tokens expanded: no index
+        tensor is made per call, and the backward pass sums each run (an indexed lookup's
+        backward accumulates with atomics, in no fixed order on CUDA)."""
+        runs = [(task, len(list(group))) for task, group in itertools.groupby(self.class_tasks)]
+        return torch.cat(
+            [self.task_tokens[task].unsqueeze(0).expand(count, -1, -1) for task, count in runs]
+        )
 
     def _encode(self, token_ids: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
         """Text features of `token_ids` with their first placeholders replaced by `learned`."""

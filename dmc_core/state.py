@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save
 from dmc_core.adapters import AdapterError, adapter_state_dict, load_adapter_state_dict
 from dmc_core.backbone import Backbone, BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
+from dmc_core.device import usable_device
 from dmc_core.errors import DmcError
 from dmc_core.files import atomic_write, sha256_file
 from dmc_core.learner import Learner
@@ -165,6 +166,7 @@ def load_state(
     *,
     part: Part = "full",
     device: str | None = None,
+    precision: str | None = None,
     cache_dir: Path | None = None,
 ) -> Learner:
     """Rebuild a learner from a saved state.
@@ -173,7 +175,8 @@ def load_state(
     predicts with the saved class prototypes (the text tower never runs) and refuses to
     learn. `part="full"` also reads the Gaussian memory. Without `backbone`, the one
     named in the manifest is loaded; a given backbone must be the one the state was saved
-    on. `device` overrides the saved config's device.
+    on. `device` and `precision` override the saved config's; without `device`, a state
+    saved on a GPU loads on the CPU of a machine that has none.
     """
     if part not in PARTS:
         raise ValueError(f"unknown state part {part!r}; one of {', '.join(PARTS)}")
@@ -196,8 +199,9 @@ def load_state(
             )
 
     config = LearnerConfig.from_dict(manifest["config"])
-    if device is not None:
-        config.device = device
+    config.device = device if device is not None else usable_device(config.device)
+    if precision is not None:
+        config.precision = precision  # type: ignore[assignment]
     spec = BackboneSpec.from_dict(manifest["backbone"])
     if backbone is None:
         backbone = load_backbone(spec, device=config.device, cache_dir=cache_dir)

@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dmc_core.device import resolve_device
 from server.auth import Authenticator
 from server.batcher import Batcher
 from server.dashboard import evaluations as dashboard_evaluations
@@ -42,7 +43,6 @@ from store.garbage import GarbageTotal
 from store.service import Store
 from worker.dispatch import Dispatcher
 from worker.dispatchers import make_dispatcher
-from worker.model import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ def _default_loader(store: Store, settings: ServerSettings) -> Loader:
     return store_loader(
         store.registry,
         device=resolve_device(settings.device),
+        precision=settings.precision,
         cache_dir=settings.model_cache_dir,
         work_dir=settings.work_dir,
     )

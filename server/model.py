@@ -88,11 +88,17 @@ Loader = Callable[[int], LoadedModel]
 
 
 def store_loader(
-    registry: Registry, *, device: str, cache_dir: Path | None, work_dir: Path | None = None
+    registry: Registry,
+    *,
+    device: str,
+    cache_dir: Path | None,
+    precision: str | None = None,
+    work_dir: Path | None = None,
 ) -> Loader:
     """A loader that fetches the version's inference part from the store (checking every
     blob; never the Gaussian memory), checks it holds the classes the registry lists
-    (`worker.model.load_version`) and predicts with its cached class prototypes."""
+    (`worker.model.load_version`) and predicts with its cached class prototypes, on
+    `device` in `precision` (DMC_PRECISION, whatever the version was saved with)."""
 
     def load(version_id: int) -> LoadedModel:
         learner = load_version(
@@ -100,6 +106,7 @@ def store_loader(
             version_id,
             part="inference",
             device=device,
+            precision=precision,
             cache_dir=cache_dir,
             folder=_scratch(work_dir, version_id),
         )
@@ -402,6 +409,7 @@ class ModelHolder:
             "version_id": current.version_id if current else None,
             "active_version_id": self.active_id,
             "loading_version_id": self.loading,
+            "device": str(current.learner.device) if current else None,
             "error": (
                 f"version {failure.version_id} could not be loaded"
                 + _detail(failure.message, detailed)

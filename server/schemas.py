@@ -212,6 +212,9 @@ class ReadyOut(BaseModel):
     version_id: int | None = Field(description="The version answering unpinned requests.")
     active_version_id: int | None
     loading_version_id: int | None
+    device: str | None = Field(
+        default=None, description="Where the answering version runs (`cpu`, `cuda`, ...)."
+    )
     database: bool = Field(description="The database answers (predict does not need it).")
     database_error: str | None = Field(
         default=None, description="Why the database does not answer (details: admin key)."

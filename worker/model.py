@@ -8,10 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dmc_core.backbone import BackboneSpec, load_backbone
 from dmc_core.config import LearnerConfig
+from dmc_core.device import resolve_device
 from dmc_core.learner import Learner
 from dmc_core.state import load_state
 from dmc_core.state_files import Part
@@ -24,13 +23,7 @@ log = logging.getLogger(__name__)
 # Learner keys that may differ from task to task (the schedule); the others are fixed by
 # the first version (they shape the saved state) and come from it afterwards.
 SCHEDULE_PREFIXES = ("stage1.", "stage2.", "calibration.")
-SCHEDULE_KEYS = frozenset({"feature_batch_size"})
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+SCHEDULE_KEYS = frozenset({"feature_batch_size", "loader_workers"})
 
 
 def backbone_spec(settings: WorkerSettings) -> BackboneSpec:
@@ -46,6 +39,7 @@ def base_config(settings: WorkerSettings) -> LearnerConfig:
     config = LearnerConfig().with_overrides(settings.learner_overrides)
     config.device = resolve_device(settings.device)
     config.precision = settings.precision
+    config.deterministic = settings.deterministic
     config.min_images_per_class = settings.min_images_per_class
     return config
 
@@ -66,12 +60,14 @@ def load_version(
     part: Part,
     device: str,
     cache_dir: Path | None,
+    precision: str | None = None,
     folder: Path | None = None,
 ) -> Learner:
     """The learner of a version: its state's `part` ("inference": no Gaussian memory, for
     predicting; "full": to learn on) materialised from the store into `folder` (a
     temporary folder by default; removed afterwards), every blob checked, and loaded on
-    `device` ("auto": a GPU if there is one).
+    `device` ("auto": a GPU if there is one), in `precision` when given (DMC_PRECISION
+    applies whatever the state was saved with).
 
     Raises the store's and `dmc_core`'s errors when the state cannot be loaded, and
     `VersionMismatchError` when it holds other classes than the registry lists.
@@ -79,7 +75,11 @@ def load_version(
     materialised = registry.load_state(version_id, folder, part=part)
     try:
         learner = load_state(
-            materialised, part=part, device=resolve_device(device), cache_dir=cache_dir
+            materialised,
+            part=part,
+            device=resolve_device(device),
+            precision=precision,
+            cache_dir=cache_dir,
         )
     finally:
         shutil.rmtree(materialised, ignore_errors=True)
@@ -99,6 +99,7 @@ def load_learner(
         version_id,
         part="full",
         device=settings.device,
+        precision=settings.precision,
         cache_dir=settings.model_cache_dir,
         folder=folder,
     )
@@ -124,6 +125,7 @@ def apply_schedule(learner: Learner, settings: WorkerSettings) -> None:
             )
     config = learner.config.with_overrides(schedule)
     config.precision = settings.precision
+    config.deterministic = settings.deterministic
     config.min_images_per_class = settings.min_images_per_class
     learner.config = config
 

@@ -310,6 +310,7 @@ def _metrics(
         "method": learner.config.method,
         "backbone": learner.backbone.spec.id,
         "device": str(learner.device),
+        "precision": learner.config.precision,
         "task_index": report.get("task"),
         "images_per_class": report.get("images_per_class", {}),
         "image_count": sum(report.get("images_per_class", {}).values()),

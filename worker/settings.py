@@ -16,6 +16,7 @@ from store.settings import StoreSettings
 _OWN_SETTINGS = {
     "device": "DMC_DEVICE",
     "precision": "DMC_PRECISION",
+    "deterministic": "DMC_DETERMINISTIC",
     "min_images_per_class": "DMC_MIN_IMAGES_PER_CLASS",
 }
 
@@ -33,11 +34,15 @@ class WorkerSettings(StoreSettings):
     model_cache_dir: Path | None = None
     # "auto": CUDA when available, else CPU.
     device: str = "auto"
+    # Server and worker alike: "bf16" autocasts the forward passes on a GPU.
     precision: Literal["fp32", "bf16"] = "fp32"
+    # Bit-identical updates on a GPU too (deterministic algorithms, math attention), at
+    # some speed (README).
+    deterministic: bool = False
     # Dotted LearnerConfig keys, as JSON: DMC_LEARNER_OVERRIDES='{"stage1.epochs": 5}'.
     # All of them shape the base learner; for later tasks only the schedule keys
-    # (stage1.*, stage2.*, calibration.*, feature_batch_size) apply, the others are fixed
-    # by the saved state.
+    # (stage1.*, stage2.*, calibration.*, feature_batch_size, loader_workers) apply, the
+    # others are fixed by the saved state.
     learner_overrides: dict[str, Any] = Field(default_factory=dict)
     min_images_per_class: int = Field(default=2, ge=1)
     # Uploaded images are shrunk to at most this many pixels a side when decoded (the

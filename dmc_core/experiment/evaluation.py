@@ -73,13 +73,10 @@ class Evaluator:
         )
 
         def encode(c: int) -> torch.Tensor:
-            images = split.images.subset(indices[c])
             chunks = []
-            for start in range(0, len(images), batch_size):
-                batch = [images[i] for i in range(start, min(start + batch_size, len(images)))]
-                pixels = torch.stack([method.preprocess(image) for image in batch])
+            for pixels in method.pixel_batches(split.images.subset(indices[c]), batch_size):
                 chunks.append(method.encode(pixels))
-                bar.update(len(batch))
+                bar.update(len(pixels))
             return torch.cat(chunks)
 
         try:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -56,6 +56,7 @@ from dmc_core.data.images import ConcatImages, Images
 from dmc_core.experiment.features import tensor_hash
 from dmc_core.learner import Learner, ProgressCallback, TaskReport
 from dmc_core.memory import fecam_shrink
+from dmc_core.pixels import image_batches, loader_workers, to_device
 from dmc_core.state import load_state, save_state
 
 __all__ = [
@@ -122,6 +123,14 @@ class Method(ABC):
     @property
     def learner(self) -> Learner | None:
         return None
+
+    def pixel_batches(self, images: Sequence[Any], batch_size: int) -> Iterable[torch.Tensor]:
+        """`images` through the test transform in batches, made by DataLoader workers
+        (`loader_workers`), in pinned memory for a GPU."""
+        device = torch.device(self.config.device)
+        workers = loader_workers(self.config.loader_workers, device)
+        batches = image_batches(images, self.preprocess, batch_size, workers=workers, device=device)
+        return (pixels for pixels, _ in batches)
 
     def save(self, folder: Path) -> bool:
         """Write what the next task needs into `folder`; False if nothing is needed."""
@@ -196,7 +205,7 @@ class ZeroShot(Method):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), _autocast(self.config, self.device):
-            return self.backbone.model.encode_image(pixels.to(self.device)).float().cpu()
+            return self.backbone.model.encode_image(to_device(pixels, self.device)).float().cpu()
 
     def text_features(self) -> torch.Tensor:
         if self._text is None:
@@ -338,13 +347,12 @@ class ClassStatistics(ZeroShot):
         self, task: TaskData, seen: Sequence[TaskData], progress: ProgressCallback
     ) -> TaskReport | None:
         self.class_names += task.class_names
-        batch_size = self.config.feature_batch_size
         chunks = []
-        for start in range(0, len(task.images), batch_size):
-            stop = min(start + batch_size, len(task.images))
-            pixels = torch.stack([self.preprocess(task.images[i]) for i in range(start, stop)])
+        done = 0
+        for pixels in self.pixel_batches(task.images, self.config.feature_batch_size):
             chunks.append(self.encode(pixels))
-            progress("encode", stop, len(task.images))
+            done += len(pixels)
+            progress("encode", done, len(task.images))
         features = torch.cat(chunks)
         labels = torch.as_tensor(task.labels)
         for i in range(len(task.class_names)):

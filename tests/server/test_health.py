@@ -24,6 +24,7 @@ def test_healthz_and_readyz(server: Server) -> None:
         "version_id": 1,
         "active_version_id": 1,
         "loading_version_id": None,
+        "device": "cpu",
         "database": True,
         "database_error": None,
         "error": None,

@@ -89,6 +89,7 @@ def test_tasks_apply_in_order_each_on_the_previous_version(
     metrics = v2.metrics
     assert metrics["task_id"] == second.task.id and metrics["job_id"] == b.id
     assert metrics["images_per_class"] == {"blue": 6, "yellow": 6}
+    assert (metrics["device"], metrics["precision"]) == ("cpu", "fp32")  # as actually run
     assert 0.0 <= metrics["train_accuracy"] <= 1.0
     assert metrics["calibration"]["classes"] == [0, 1]  # the old classes were calibrated
     assert metrics["duration_seconds"] > 0 and metrics["seconds"]["learn"] > 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 from pydantic import ValidationError
 
+from dmc_core.config import LearnerConfig
+from worker.model import apply_schedule, base_config
 from worker.settings import WorkerSettings
 
 
@@ -30,3 +34,22 @@ def test_settings_refuse_unknown_or_misplaced_learner_keys() -> None:
         WorkerSettings(learner_overrides={"device": "cuda"})
     with pytest.raises(ValidationError):
         WorkerSettings(dispatcher="threads")  # type: ignore[arg-type]
+
+
+def test_precision_and_determinism_apply_to_new_and_loaded_learners(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("DMC_PRECISION", "bf16")
+    monkeypatch.setenv("DMC_DETERMINISTIC", "true")
+    monkeypatch.setenv("DMC_LEARNER_OVERRIDES", '{"loader_workers": 3}')
+    settings = WorkerSettings()
+    config = base_config(settings)
+    assert (config.precision, config.deterministic, config.loader_workers) == ("bf16", True, 3)
+
+    saved = LearnerConfig(precision="fp32", deterministic=False, loader_workers=0)
+    learner = SimpleNamespace(config=saved)
+    apply_schedule(learner, settings)  # type: ignore[arg-type]
+    applied = learner.config
+    assert (applied.precision, applied.deterministic, applied.loader_workers) == ("bf16", True, 3)
+    with pytest.raises(ValidationError, match="DMC_DETERMINISTIC"):
+        WorkerSettings(learner_overrides={"deterministic": True})
