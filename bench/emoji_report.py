@@ -25,13 +25,52 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import yaml
+
+from dmc_core.experiment.metrics import compute_metrics
+
+
+def stopped_run(folder: Path) -> dict[str, Any]:
+    """results.json's fields this script reads, from the finished tasks of a run that was
+    stopped before its end (the runner's progress/*/partial.json). The emoji dataset has
+    one test image per class, so a task's evaluation count is its number of classes."""
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    runs = []
+    for path in sorted(folder.glob("progress/*/partial.json")):
+        partial = json.loads(path.read_text())
+        records = partial["tasks"]
+        counts = [len(r["classes"]) for r in records]
+        runs.append(
+            {
+                "method": partial["method"],
+                "seed": partial["seed"],
+                "completed_tasks": partial["completed"],
+                "tasks": [r["classes"] for r in records],
+                "metrics": compute_metrics([r["correct"] for r in records], counts),
+                "seconds": {"per_task": [r["seconds"] for r in records]},
+                "memory_per_task": [r.get("memory") for r in records],
+            }
+        )
+    n_tasks = max(
+        (json.loads(p.read_text())["n_tasks"] for p in folder.glob("progress/*/partial.json")),
+        default=0,
+    )
+    return {"config": config, "n_tasks": n_tasks, "runs": runs, "stopped": True}
+
+
+def read_results(folder: Path) -> dict[str, Any]:
+    path = folder / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    if not results.get("complete"):
+        return stopped_run(folder)
+    return results
 
 
 def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
     """One row per (method, seed) of every folder, with its held-out style."""
     rows = []
     for folder in folders:
-        results = json.loads((folder / "results.json").read_text())
+        results = read_results(folder)
         style = results["config"]["dataset"]["options"].get("test_style", "openmoji")
         for run in results["runs"]:
             if not run["completed_tasks"]:
@@ -98,6 +137,20 @@ def accuracy_table(rows: list[dict[str, Any]]) -> str:
             ]
             used = ", ".join(r["test_style"] for r in done)
             lines.append(f"| {method} | {used} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def per_task_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy after each task, so that stopped runs compare at equal classes learned."""
+    longest = max(rows, key=lambda r: len(r["classes_learned"]))["classes_learned"]
+    lines = [
+        "| method | test style | " + " | ".join(str(c) for c in longest) + " |",
+        "|---|---|" + "---|" * len(longest),
+    ]
+    for row in rows:
+        cells = [_pct(a) for a in row["accuracy_per_task"]]
+        cells += [""] * (len(longest) - len(cells))
+        lines.append(f"| {row['method']} | {row['test_style']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -173,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = load_runs(args.folders)
     args.out.mkdir(parents=True, exist_ok=True)
-    sources = [json.loads((f / "results.json").read_text()) for f in args.folders]
+    sources = [read_results(f) for f in args.folders]
     report = {
         "rows": rows,
         "growth_last_over_second": {f"{r['method']}/{r['test_style']}": growth(r) for r in rows},
@@ -185,6 +238,8 @@ def main() -> None:
             "# Emoji benchmark (configs/emoji_standin.yaml)",
             "Accuracy in %, one image per class of the held-out style.",
             accuracy_table(rows),
+            "Accuracy after each task (columns: classes learned):",
+            per_task_table(rows),
             "Each task's update (`learn`), the classes learned after it, the peak RSS of the "
             "process so far:",
             cost_table(rows),
