@@ -27,7 +27,6 @@ import argparse
 import inspect
 import json
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -45,6 +44,7 @@ from tqdm import tqdm
 
 from dmc_core.backbone import BackboneSpec, load_backbone, save_checkpoint
 from dmc_core.config import LearnerConfig
+from dmc_core.experiment.environment import peak_rss_bytes
 from dmc_core.learner import Learner
 from dmc_core.state import load_state, save_state
 
@@ -92,10 +92,6 @@ def task_data(first: int, n_classes: int, per_class: int, size: int) -> tuple[li
             images.append(class_image(first + label, i, size))
             labels.append(label)
     return images, labels
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def file_sizes(folder: Path) -> dict[str, int]:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from dmc_cli.client import app as client_app
+from dmc_cli.datasets import app as datasets_app
 from dmc_cli.experiment import experiment, report
 from dmc_cli.serve import serve
 from dmc_cli.worker import run_worker
@@ -17,6 +18,7 @@ app = typer.Typer(help="Continual-learning image classification on CLIP (DMC / D
 db_app = typer.Typer(help="Database schema management.")
 app.add_typer(db_app, name="db")
 app.add_typer(client_app, name="client")
+app.add_typer(datasets_app, name="datasets")
 app.command("worker")(run_worker)
 app.command("experiment")(experiment)
 app.command("report")(report)

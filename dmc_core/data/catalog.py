@@ -10,6 +10,9 @@ gives an error that says what to put where.
   or the original `CUB_200_2011` folder (its own train/test split).
 - `ucf101` (root `data/ucf101`): frames, `ROOT/{train,test}/ApplyEyeMakeup/*.jpg` (PROOF).
 - `fashion_mnist` (root `/usr/share/datasets/fashion-mnist`): the Debian package's idx files.
+- `emoji` (root `~/.cache/dmc/datasets/emoji`): named emoji in four vendor styles, built
+  from pinned npm packages by `dmc datasets fetch emoji` (`dmc_core.data.emoji`);
+  leave-one-style-out.
 - `imagefolder` (root required): `ROOT/<class>/*` under `train/` + `test/` (or `val/`), or
   one folder split by seed.
 
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dmc_core.data.emoji import EMOJI_DEFAULT_ROOT, build_emoji, load_emoji
 from dmc_core.data.fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -332,3 +336,21 @@ def fashion_mnist(root: str = str(FASHION_MNIST_DIR), invert: bool = True) -> Cl
         Split(ArrayImages(test_x, invert), test_y),
         identity,
     )
+
+
+def _fetch_emoji(
+    root: str = str(EMOJI_DEFAULT_ROOT), image_size: int = 64, show_progress: bool = True
+) -> Path:
+    return build_emoji(root, image_size, show_progress=show_progress)
+
+
+@register_dataset("emoji", fetch=_fetch_emoji)
+def emoji(
+    root: str = str(EMOJI_DEFAULT_ROOT),
+    image_size: int = 64,
+    test_style: str = "openmoji",
+    styles: list[str] | None = None,
+) -> ClassificationDataset:
+    """Named emoji (Animals & Nature, Food & Drink, Travel & Places, Objects, Activities)
+    in several vendor styles; train on all styles but `test_style`, test on it."""
+    return load_emoji(root, image_size, test_style, styles)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 import sys
 from importlib import metadata
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["environment", "git_info"]
+__all__ = ["environment", "git_info", "peak_rss_bytes"]
 
 PACKAGES = ("dmc", "torch", "torchvision", "open_clip_torch", "timm", "POT", "numpy", "pillow")
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -57,3 +58,8 @@ def environment() -> dict[str, Any]:
         "versions": {p: _version(p) for p in PACKAGES},
         "git": git_info(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far (never decreases)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

@@ -118,6 +118,8 @@ def run_record(partial: dict[str, Any], plan: SeedPlan) -> dict[str, Any]:
         "diagnostics": [r["diagnostics"] for r in records],
         "task_reports": [r["report"] for r in records],
         "seconds": {"total": total, "per_task": task_seconds},
+        # records written before peak memory was recorded have none
+        "memory_per_task": [r.get("memory") for r in records],
     }
 
 

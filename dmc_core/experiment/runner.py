@@ -41,6 +41,7 @@ from dmc_core.backbone import Backbone, load_backbone
 from dmc_core.data.images import ClassificationDataset
 from dmc_core.data.registry import DatasetError, get_dataset
 from dmc_core.experiment.config import ExperimentConfig, ExperimentError
+from dmc_core.experiment.environment import peak_rss_bytes
 from dmc_core.experiment.evaluation import Evaluator
 from dmc_core.experiment.features import FeatureCache
 from dmc_core.experiment.methods import Method, TaskData, get_method_class
@@ -302,12 +303,21 @@ class ExperimentRunner:
             self.hook(Event("progress", name, seed, t, stage, step, total))
 
         before = self.evaluator.memory_means(method) if diagnose else None
+        cuda = torch.device(method.config.device).type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         timer = time.perf_counter()
         try:
             report = method.learn(task, seen, progress)
         finally:
             bars.close()
         seconds: dict[str, Any] = {"learn": time.perf_counter() - timer}
+        # The process's peak so far (it includes earlier tasks and evaluations); the
+        # device's is this update's own.
+        memory = {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "peak_device_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        }
         if report is not None:
             seconds["learn_stages"] = report.seconds
 
@@ -331,6 +341,7 @@ class ExperimentRunner:
             "report": report.to_dict() if report is not None else None,
             "diagnostics": diagnostics,
             "seconds": seconds,
+            "memory": memory,
         }
 
     # ---------------------------------------------------------------- results

@@ -63,10 +63,10 @@ def _config(folder: Path, spec: BackboneSpec, **overrides: Any) -> dict[str, Any
 
 
 def _comparable(results: dict[str, Any]) -> dict[str, Any]:
-    """Everything but timings."""
+    """Everything but timings and memory."""
     runs = copy.deepcopy(results["runs"])
     for run in runs:
-        del run["seconds"]
+        del run["seconds"], run["memory_per_task"]
         for report in run["task_reports"]:
             if report is not None:
                 del report["seconds"]
@@ -85,6 +85,10 @@ def test_resume_ends_with_the_results_of_an_uninterrupted_run(
     )
     full = run_experiment(config, tmp_path / "full", show_progress=False, log=lambda _: None)
     assert full["complete"] and len(full["runs"]) == 8
+    for run in full["runs"]:
+        memory = run["memory_per_task"]
+        assert len(memory) == 3 and all(m["peak_rss_bytes"] > 2**20 for m in memory)
+        assert all(m["peak_device_bytes"] is None for m in memory)  # a CPU run
 
     out = tmp_path / "interrupted"
 
