@@ -178,7 +178,7 @@ class _ClassStats:
     factor: torch.Tensor  # [d, d] lower Cholesky, or [d, rank]; float32
     diagonal: torch.Tensor | None  # [d] float32 (low rank only)
     # For `merge_class`: the shrinkage intensity the covariance holds, and the centred
-    # moments sum |y|^2 y [d] and sum |y|^4 (float64; zero in states saved before them).
+    # moments sum |y|^2 y [d] and sum |y|^4 (zero in states saved before them).
     shrinkage: float = 0.0
     third: torch.Tensor | None = None
     fourth: float = 0.0
@@ -289,7 +289,7 @@ class GaussianMemory:
             factor=factors[0],
             diagonal=None if diagonals is None else diagonals[0],
             shrinkage=intensity,
-            third=moments.third.to("cpu", torch.float64),
+            third=moments.third.to("cpu", STORE_DTYPE),
             fourth=float(moments.fourth),
         )
 
@@ -487,16 +487,11 @@ class GaussianMemory:
             "class_indices": torch.tensor(self.class_indices, dtype=torch.long),
             "counts": torch.tensor([s.count for s in stats], dtype=torch.long),
             "means": _stack([s.mean for s in stats], (d,)),
-            "shrinkage": torch.tensor([s.shrinkage for s in stats], dtype=torch.float64),
+            "shrinkage": torch.tensor([s.shrinkage for s in stats], dtype=STORE_DTYPE),
             "third_moments": _stack(
-                [
-                    s.third if s.third is not None else torch.zeros(d, dtype=torch.float64)
-                    for s in stats
-                ],
-                (d,),
-                torch.float64,
+                [s.third if s.third is not None else torch.zeros(d) for s in stats], (d,)
             ),
-            "fourth_moments": torch.tensor([s.fourth for s in stats], dtype=torch.float64),
+            "fourth_moments": torch.tensor([s.fourth for s in stats], dtype=STORE_DTYPE),
         }
         if self.config.covariance == "low_rank":
             r = min(self.config.rank, d)
@@ -558,17 +553,15 @@ class GaussianMemory:
                 factor=factors[i].to("cpu", STORE_DTYPE).clone(),
                 diagonal=None if diagonals is None else diagonals[i].to("cpu", STORE_DTYPE).clone(),
                 shrinkage=float(shrinkage[i]) if shrinkage is not None else 0.0,
-                third=None if third is None else third[i].to("cpu", torch.float64).clone(),
+                third=None if third is None else third[i].to("cpu", STORE_DTYPE).clone(),
                 fourth=float(fourth[i]) if fourth is not None else 0.0,
             )
         return memory
 
 
-def _stack(
-    tensors: list[torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype = STORE_DTYPE
-) -> torch.Tensor:
+def _stack(tensors: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     if not tensors:
-        return torch.zeros((0, *shape), dtype=dtype)
+        return torch.zeros((0, *shape), dtype=STORE_DTYPE)
     return torch.stack(tensors).contiguous()
 
 

@@ -21,6 +21,7 @@ from server.errors import NotSignedInError
 from server.schemas import JobOut
 from store.models import PENDING_STATES, JobState
 from store.registry import VersionInfo
+from store.tasks import ClassRow
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -193,7 +194,13 @@ async def cancel(job_id: JobId, services: ServicesDep, _: SignedIn) -> Response:
 async def classes_page(
     request: Request, services: ServicesDep, _: SignedIn, q: str = ""
 ) -> HTMLResponse:
-    rows = await asyncio.to_thread(services.store.tasks.learned_classes)
+    registry = services.store.registry
+
+    def read() -> list[ClassRow]:
+        active = registry.active()
+        return registry.classes(active.id) if active else []
+
+    rows = await asyncio.to_thread(read)
     query = q.strip().lower()
     matches = [row for row in rows if query in row.name.lower()] if query else rows
     return _page(request, "classes.html", q=q, rows=matches, total=len(rows))

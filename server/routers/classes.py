@@ -34,17 +34,15 @@ _BOOL = TypeAdapter(bool)
 
 @router.get("/classes", response_model=list[ClassOut], responses=responses(401, 403))
 async def list_classes(services: ServicesDep, _: ReadAccess) -> list[ClassOut]:
-    """Every class a version has learned, with the task and version it arrived in."""
-    store = services.store
+    """The active version's classes, in label order, each with the task and version it
+    arrived in (classes removed, or only on abandoned branches, are not listed)."""
+    registry = services.store.registry
 
     def read() -> list[ClassOut]:
-        rows = store.tasks.learned_classes()
-        active = store.registry.active()
-        known = set(store.registry.class_names(active.id)) if active else set()
+        active = registry.active()
+        rows = registry.classes(active.id) if active else []
         return [
-            ClassOut(
-                name=r.name, version_id=r.version_id, task_id=r.task_id, active=r.name in known
-            )
+            ClassOut(name=r.name, version_id=r.version_id, task_id=r.task_id, active=True)
             for r in rows
         ]
 
