@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from store.errors import (
+    ClassNotFoundError,
     DuplicateClassError,
     IdempotencyConflictError,
     JobNotFoundError,
@@ -28,6 +29,7 @@ from store.errors import (
     StateIntegrityError,
     StoreError,
     TaskNotFoundError,
+    VersionInUseError,
     VersionNotFoundError,
 )
 
@@ -112,6 +114,8 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 _STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
     (VersionNotFoundError, 404),
+    (ClassNotFoundError, 404),
+    (VersionInUseError, 409),
     (JobNotFoundError, 404),
     (TaskNotFoundError, 404),
     (JobStateError, 409),
