@@ -1,7 +1,8 @@
 """`dmc demo`: the service in its embedded mode (SQLite, a local object folder, in-process
 jobs, the offline stand-in model), walked through over HTTP like a user would: two tasks of
 Fashion-MNIST classes are added, the jobs' progress is shown, held-out images are predicted
-after each task, the first version is restored (rollback) and the predictions follow."""
+after each task, the first version is restored (rollback) and the predictions follow; then
+a class is extended and another removed, each building on the rolled-back version."""
 
 from __future__ import annotations
 
@@ -144,7 +145,41 @@ class Walkthrough:
             f"  {results['rollback_changed']} of {len(after)} answers changed; v{first} can "
             f"only answer {sorted(set(after))}"
         )
+        self.lifecycle(results, first)
         return results
+
+    def lifecycle(self, results: dict[str, Any], rolled_back_to: int) -> None:
+        """Extend a class, then remove one: each a job and a new version, built on the
+        version rolled back to (a rollback lasts)."""
+        say = typer.echo
+        kept, dropped = self.names[TASKS[0][0]], self.names[TASKS[0][-1]]
+        images, labels = self.train
+        index = _pick(labels, [TASKS[0][0]], self.options.images_per_class)[::-1]
+        files = [("images", (f"more-{i}.png", _png(images[i]), "image/png")) for i in index]
+        say(f"\nExtend: POST /classes/{kept}/images with {len(index)} more images")
+        extended = self.follow(self._submitted(f"/classes/{kept}/images", files=files))
+        say(
+            f"  version v{extended['version_id']} builds on v{rolled_back_to}; {kept}'s "
+            "statistics merged with the new images', prompts trained again"
+        )
+        say(f"\nRemove: DELETE /classes/{dropped}")
+        removed = self.follow(self._submitted(f"/classes/{dropped}", method="DELETE"))
+        self.wait_for_version(removed["version_id"])
+        _, answers = self.predict(list(TASKS[0]))
+        classes = [c["name"] for c in self.client.get("/classes").json()]
+        say(
+            f"  version v{removed['version_id']} knows {classes}; predictions: {sorted(set(answers))}"
+        )
+        results["extended_parent"] = self.client.get(f"/versions/{extended['version_id']}").json()[
+            "parent_id"
+        ]
+        results["after_remove"] = sorted(set(answers))
+
+    def _submitted(self, path: str, method: str = "POST", **kwargs: Any) -> int:
+        response = self.client.request(method, path, **kwargs)
+        response.raise_for_status()
+        job_id: int = response.json()["job_id"]
+        return job_id
 
     def wait_for_version(self, version_id: int, timeout: float = 60.0) -> None:
         """Until predict answers with `version_id` (the server swaps versions in the background)."""
