@@ -331,16 +331,9 @@ class Learner:
         report.seconds["stage1"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
-        new_features = self._encode_dataset(images, labels, progress)
-        if old_features is not None:
-            calibration = _make_calibrator(self.config).calibrate(
-                self.memory,
-                old_features.to(self.device),
-                new_features.to(self.device),
-                torch.tensor(list(labels), dtype=torch.long),
-                generator,
-            )
-            report.calibration = _report_calibration(calibration)
+        new_features = self._encode_and_calibrate(
+            images, labels, old_features, generator, report, progress
+        )
         for index in indices.tolist():
             self.memory.merge_class(index, new_features[global_labels == index])
         progress("memory", 1, 1)
@@ -352,6 +345,29 @@ class Learner:
         report.seconds["stage2"] = time.perf_counter() - timer
         report.train_accuracy = self._feature_accuracy(new_features, global_labels)
         return report
+
+    def _encode_and_calibrate(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        old_features: torch.Tensor | None,
+        generator: torch.Generator,
+        report: TaskReport,
+        progress: ProgressCallback,
+    ) -> torch.Tensor:
+        """The task's images under the adapted encoder; with `old_features` (the same
+        images under the encoder before stage 1), DMC-OT's calibration of the memory."""
+        new_features = self._encode_dataset(images, labels, progress)
+        if old_features is not None:
+            calibration = _make_calibrator(self.config).calibrate(
+                self.memory,
+                old_features.to(self.device),
+                new_features.to(self.device),
+                torch.tensor(list(labels), dtype=torch.long),
+                generator,
+            )
+            report.calibration = _report_calibration(calibration)
+        return new_features
 
     def _current_anchors(self, indices: list[int]) -> torch.Tensor:
         """Stage-1 anchors for extending classes `indices`: one row per extended class
@@ -452,16 +468,9 @@ class Learner:
         report.seconds["stage1"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
-        new_features = self._encode_dataset(images, labels, progress)
-        if old_features is not None:
-            calibration = _make_calibrator(self.config).calibrate(
-                self.memory,
-                old_features.to(self.device),
-                new_features.to(self.device),
-                local_labels,
-                generator,
-            )
-            report.calibration = _report_calibration(calibration)
+        new_features = self._encode_and_calibrate(
+            images, labels, old_features, generator, report, progress
+        )
         for i in range(len(class_names)):
             self.memory.add_class(first_new + i, new_features[local_labels == i])
         progress("memory", 1, 1)
