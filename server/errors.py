@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from store.errors import (
+    ClassBusyError,
     ClassNotFoundError,
     DuplicateClassError,
     IdempotencyConflictError,
@@ -115,6 +116,7 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 _STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
     (VersionNotFoundError, 404),
     (ClassNotFoundError, 404),
+    (ClassBusyError, 409),
     (VersionInUseError, 409),
     (JobNotFoundError, 404),
     (TaskNotFoundError, 404),

@@ -57,6 +57,18 @@ class ClassNotFoundError(StoreError, LookupError):
         )
 
 
+class ClassBusyError(StoreError):
+    """A queued task already removes or renames a class that a new task names."""
+
+    def __init__(self, busy: dict[str, int]) -> None:
+        self.busy = dict(sorted(busy.items()))
+        listed = ", ".join(f"{n!r} (task {t})" for n, t in self.busy.items())
+        super().__init__(
+            f"queued tasks remove or rename these classes: {listed}; wait for their jobs "
+            "(GET /jobs), then submit again"
+        )
+
+
 class ClassesTakenError(DuplicateClassError):
     """A new task brings class names that a version has learned or a queued task brings."""
 

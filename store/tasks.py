@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from store.db import Database
 from store.errors import (
+    ClassBusyError,
     ClassesTakenError,
     ClassNotFoundError,
     TaskNotFoundError,
@@ -138,7 +139,8 @@ def check_classes(
     """Refuse a task whose classes do not fit the version it builds on (explicit, or the
     active one): new names (an addition, a rename's new name) must be neither there nor
     brought by a queued task (`ClassesTakenError`); the classes extended, removed or
-    renamed must be there (`ClassNotFoundError`)."""
+    renamed must be there (`ClassNotFoundError`) and not already being removed or renamed
+    by a queued task (`ClassBusyError`)."""
     base = base_version(session, base_version_id)
     new = list(names) if kind == TaskKind.ADD else []
     if kind == TaskKind.RENAME:
@@ -148,9 +150,23 @@ def check_classes(
         missing = [n for n in names if n not in known]
         if missing:
             raise ClassNotFoundError(missing, base)
+        busy = {n: t for n, t in _pending_changes(session).items() if n in set(names)}
+        if busy:
+            raise ClassBusyError(busy)
     learned, pending = taken_names(session, new, base)
     if learned or pending:
         raise ClassesTakenError(learned, pending)
+
+
+def _pending_changes(session: Session) -> dict[str, int]:
+    """Class name -> task id, for the classes that queued or running tasks remove or rename."""
+    query = (
+        select(Task.id, Task.class_names)
+        .join(Job, Job.task_id == Task.id)
+        .where(Job.state.in_(PENDING_STATES), Task.kind.in_([TaskKind.REMOVE, TaskKind.RENAME]))
+        .order_by(Task.id)
+    )
+    return {name: task_id for task_id, names in session.execute(query).tuples() for name in names}
 
 
 def _pending_classes(session: Session) -> dict[str, int]:

@@ -9,7 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 from tests.server.conftest import Server, colour_pngs
-from tests.server.test_classes import colour_files, nothing_stored, post_archive, zip_bytes
+from tests.server.test_classes import (
+    colour_files,
+    idle,
+    nothing_stored,
+    post_archive,
+    zip_bytes,
+)
 
 
 def _done(server: Server, response: Any) -> dict[str, Any]:
@@ -119,7 +125,8 @@ def test_bad_class_changes_are_4xx_and_change_nothing(server: Server) -> None:
     assert nothing_stored(server)
 
 
-def test_a_removal_is_idempotent_by_key(server: Server) -> None:
+def test_a_removal_is_idempotent_by_key(server_factory: Callable[..., Server]) -> None:
+    server = server_factory(create_app_kwargs={"dispatcher_factory": idle})  # jobs stay queued
     headers = server.headers() | {"Idempotency-Key": "remove-red-once"}
     first = server.client.delete("/classes/red", headers=headers)
     again = server.client.delete("/classes/red", headers=headers)
@@ -128,6 +135,13 @@ def test_a_removal_is_idempotent_by_key(server: Server) -> None:
     assert again.json()["job_id"] == first.json()["job_id"]
     other = server.client.delete("/classes/green", headers=headers)
     assert other.status_code == 409
+    # Without a key, a second change of a class a queued task removes is refused.
+    for change in (
+        server.client.delete("/classes/red", headers=server.headers()),
+        server.client.patch("/classes/red", json={"name": "ruby"}, headers=server.headers()),
+    ):
+        assert change.status_code == 409 and "task 1" in change.json()["detail"]
+    assert len(server.store.jobs.list()) == 1
 
 
 def test_delete_a_version(server_factory: Callable[..., Server]) -> None:
