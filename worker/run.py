@@ -187,6 +187,11 @@ class JobExecutor:
             )
         except JobStateError as error:
             raise JobCancelledError() from error
+        except VersionNotFoundError as error:
+            raise JobFailedError(
+                f"the version this task built on was deleted while its job ran ({error}); "
+                "submit the task again"
+            ) from error
 
     def _images(self, task: TaskInfo) -> tuple[list[Image.Image], list[int]]:
         if task.uploads_location is None:
