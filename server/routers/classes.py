@@ -6,6 +6,7 @@ Each answers 202 with a queued job that makes a new version."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -176,6 +177,16 @@ _UPLOAD_BODY: dict[str, Any] = {
 _FIELDS = ("archive", "images", "labels", "activate", "mode", "base_version")
 
 
+def _extend_body() -> dict[str, Any]:
+    """POST /classes/{name}/images's body: POST /classes's without `mode`, `labels` optional."""
+    body = copy.deepcopy(_UPLOAD_BODY)
+    schema = body["requestBody"]["content"]["multipart/form-data"]["schema"]
+    del schema["properties"]["mode"]
+    schema["oneOf"][1]["required"] = ["images"]
+    schema["properties"]["labels"]["description"] += " Optional here: all are the class."
+    return body
+
+
 @dataclass
 class UploadForm:
     archive: UploadFile | None
@@ -265,7 +276,7 @@ async def add_classes(
     status_code=202,
     response_model=SubmissionOut,
     responses=_SUBMITTED | responses(413, 415),
-    openapi_extra=_UPLOAD_BODY,
+    openapi_extra=_extend_body(),
 )
 async def extend_class(
     services: ServicesDep,
