@@ -37,7 +37,7 @@ class StaleParentError(StoreError):
 
 
 class DuplicateClassError(StoreError):
-    """Class names are unique across all versions."""
+    """Class names are unique within a version (so within the lineage a task builds on)."""
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = sorted(set(names))
