@@ -3,7 +3,8 @@ jobs, the offline stand-in model), walked through with the Python client like a 
 an evaluation set of held-out images is uploaded, two tasks of Fashion-MNIST classes are
 added, the jobs' progress is shown with each new version's evaluation against its parent,
 held-out images are predicted after each task, the first version is restored (rollback)
-and the predictions follow."""
+and the predictions follow; then a class is extended and another removed, each building on
+the rolled-back version."""
 
 from __future__ import annotations
 
@@ -174,7 +175,33 @@ class Walkthrough:
             f"  {results['rollback_changed']} of {len(after)} answers changed; v{first} can "
             f"only answer {sorted(set(after))}"
         )
+        self.lifecycle(results, first)
         return results
+
+    def lifecycle(self, results: dict[str, Any], rolled_back_to: int) -> None:
+        """Extend a class, then remove one: each a job and a new version, built on the
+        version rolled back to (a rollback lasts)."""
+        say = typer.echo
+        kept, dropped = self.names[TASKS[0][0]], self.names[TASKS[0][-1]]
+        images, labels = self.train
+        index = _pick(labels, [TASKS[0][0]], self.options.images_per_class)[::-1]
+        more = [_png(images[i]) for i in index]
+        say(f"\nExtend: client.extend_class({kept!r}) with {len(more)} more images")
+        extended = self.client.extend_class(kept, more, progress=None)
+        say(
+            f"  version v{extended.version_id} builds on v{rolled_back_to}; {kept}'s "
+            "statistics merged with the new images', prompts trained again"
+        )
+        say(f"\nRemove: client.remove_class({dropped!r})")
+        removed = self.client.remove_class(dropped)
+        removed_id = removed.version_id or 0
+        self.wait_for_version(removed_id)
+        _, answers = self.predict(list(TASKS[0]))
+        count = self.client.version(removed_id).class_count
+        say(f"  version v{removed_id} has {count} classes, without {dropped!r}")
+        say(f"  held-out images of task 1's classes are now predicted as {sorted(set(answers))}")
+        results["extended_parent"] = self.client.version(extended.version_id or 0).parent_id
+        results["after_remove"] = sorted(set(answers))
 
     def wait_for_version(self, version_id: int, timeout: float = 60.0) -> None:
         """Until predict answers with `version_id` (the server swaps versions in the background)."""

@@ -19,6 +19,8 @@ db_app = typer.Typer(help="Database schema management.")
 app.add_typer(db_app, name="db")
 app.add_typer(client_app, name="client")
 app.add_typer(datasets_app, name="datasets")
+versions_app = typer.Typer(help="Model versions.")
+app.add_typer(versions_app, name="versions")
 app.command("worker")(run_worker)
 app.command("experiment")(experiment)
 app.command("report")(report)
@@ -61,6 +63,29 @@ def db_collect_garbage(
     finally:
         store.close()
     typer.echo(f"removed {len(removed)} unreferenced objects")
+
+
+@versions_app.command("delete")
+def versions_delete(
+    version_id: Annotated[int, typer.Argument(help="the version to delete", min=1)],
+    cascade: Annotated[
+        bool, typer.Option(help="also delete every version built on it, directly or not")
+    ] = False,
+) -> None:
+    """Delete a version that is not active and that no version builds on (or, with
+    --cascade, its whole subtree), as DELETE /versions/{id} does."""
+    from store.errors import VersionInUseError, VersionNotFoundError
+    from store.service import Store
+
+    store = Store.open()
+    try:
+        deleted = store.registry.delete(version_id, cascade=cascade)
+    except (VersionInUseError, VersionNotFoundError) as error:
+        typer.echo(str(error), err=True)
+        raise typer.Exit(1) from None
+    finally:
+        store.close()
+    typer.echo(f"deleted versions {', '.join(map(str, deleted))}")
 
 
 @app.command()

@@ -21,7 +21,14 @@ from dmc_client.errors import (
     ServiceUnavailableError,
     api_error,
 )
-from dmc_client.models import EvaluationSet, Job, Predictions, Submission, Version
+from dmc_client.models import (
+    EvaluationSet,
+    Job,
+    Predictions,
+    Submission,
+    Version,
+    VersionsDeleted,
+)
 
 API_KEY_HEADER = "X-API-Key"
 ImageSource = str | Path | bytes | Any  # a path, encoded bytes, or a PIL image
@@ -86,16 +93,83 @@ class Client:
             data["gate_max_old_drop"] = str(gate_max_old_drop)
         if gate_min_new_accuracy is not None:
             data["gate_min_new_accuracy"] = str(gate_min_new_accuracy)
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         with _archive(Path(folder_or_archive)) as (name, archive):
-            submitted = self._call(
-                Submission,
+            return self._submit(
                 "POST",
                 "/classes",
+                wait=wait,
+                progress=progress,
+                idempotency_key=idempotency_key,
                 files={"archive": (name, archive)},
                 data=data,
-                headers=headers,
             )
+
+    def extend_class(
+        self,
+        name: str,
+        folder_or_images: str | Path | Sequence[ImageSource],
+        *,
+        wait: bool = True,
+        progress: bool | None = True,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Give a learned class more images (an archive or folder laid out as for
+        `add_classes`, or image files/bytes/PIL images of the class): its statistics are
+        merged with theirs and the prompts are trained, in a new version."""
+        files: Any
+        if isinstance(folder_or_images, str | Path):
+            with _archive(Path(folder_or_images)) as (filename, archive):
+                return self._submit(
+                    "POST",
+                    f"/classes/{name}/images",
+                    wait=wait,
+                    progress=progress,
+                    idempotency_key=idempotency_key,
+                    files={"archive": (filename, archive)},
+                )
+        files = [("images", _image_file(i, image)) for i, image in enumerate(folder_or_images)]
+        return self._submit(
+            "POST",
+            f"/classes/{name}/images",
+            wait=wait,
+            progress=progress,
+            idempotency_key=idempotency_key,
+            files=files,
+        )
+
+    def remove_class(
+        self, name: str, *, wait: bool = True, idempotency_key: str | None = None
+    ) -> Job:
+        """A new version without the class (predictions never return it again)."""
+        return self._submit(
+            "DELETE", f"/classes/{name}", wait=wait, progress=False, idempotency_key=idempotency_key
+        )
+
+    def rename_class(
+        self, name: str, new_name: str, *, wait: bool = True, idempotency_key: str | None = None
+    ) -> Job:
+        """A new version whose prompts use `new_name`; the class's statistics are kept."""
+        return self._submit(
+            "PATCH",
+            f"/classes/{name}",
+            wait=wait,
+            progress=False,
+            idempotency_key=idempotency_key,
+            json={"name": new_name},
+        )
+
+    def _submit(
+        self,
+        method: str,
+        path: str,
+        *,
+        wait: bool,
+        progress: bool | None,
+        idempotency_key: str | None,
+        **kwargs: Any,
+    ) -> Job:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        submitted = self._call(Submission, method, path, headers=headers, **kwargs)
         return self.wait(submitted.job_id, progress=progress) if wait else submitted.job
 
     def wait(
@@ -157,6 +231,17 @@ class Client:
     def activate(self, version_id: int) -> Version:
         """Make a version the active one (an older one: a rollback)."""
         return self._call(Version, "POST", f"/versions/{version_id}/activate")
+
+    def delete_version(self, version_id: int, *, cascade: bool = False) -> list[int]:
+        """Delete a version that is not active and that nothing builds on (with `cascade`,
+        its whole subtree); the ids deleted."""
+        deleted = self._call(
+            VersionsDeleted,
+            "DELETE",
+            f"/versions/{version_id}",
+            params={"cascade": str(cascade).lower()},
+        )
+        return list(deleted.deleted)
 
     def evaluate(self, version_id: int) -> Version:
         """Evaluate a version on the evaluation sets now; the version with the results."""

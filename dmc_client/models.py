@@ -83,6 +83,8 @@ class Version(_Model):
     created_at: datetime
     class_count: int
     new_classes: list[str]
+    # What it changed against its parent: kind (add, extend, remove, rename) and classes.
+    change: dict[str, Any] = {}
     metrics: dict[str, Any]
     size_bytes: int
     active: bool
@@ -108,3 +110,7 @@ class ImagePrediction(_Model):
 class Predictions(_Model):
     version_id: int
     predictions: list[ImagePrediction]
+
+
+class VersionsDeleted(_Model):
+    deleted: list[int]

@@ -278,6 +278,169 @@ class Learner:
             self._restore_snapshot(saved)
             raise
 
+    def extend_classes(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        progress: ProgressCallback | None = None,
+    ) -> TaskReport:
+        """Learn more images of classes already learned (`labels[i]` indexes `class_names`).
+
+        As a task: stage 1 on these images (anchored at the classes' current anchors),
+        DMC-OT's calibration of the memory, then each class's statistics merged exactly
+        with those of its new images (`GaussianMemory.merge_class`), then stage 2 on the
+        new features and replay of the other classes. No task tokens are made: the
+        classes keep their task's. All or nothing, like `learn_task`.
+        """
+        class_names = list(class_names)
+        self._validate_images(images, labels, class_names)
+        unknown = [n for n in class_names if n not in self.class_names]
+        if unknown:
+            raise TaskError(f"classes not learned, so they cannot be extended: {unknown}")
+        saved = self._snapshot()
+        try:
+            return self._extend_classes(images, labels, class_names, progress)
+        except BaseException:
+            self._restore_snapshot(saved)
+            raise
+
+    def _extend_classes(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[int],
+        class_names: list[str],
+        progress: ProgressCallback | None,
+    ) -> TaskReport:
+        progress = progress or (lambda stage, step, total: None)
+        # Seeded apart from `learn_task`'s seeds (task index) so the two never share one.
+        seed = self.config.seed * 1_000_003 + 500_009 * (1 + self.n_tasks) + len(self.memory)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        report = TaskReport(
+            task=self.n_tasks - 1,
+            class_names=class_names,
+            images_per_class={
+                n: sum(1 for y in labels if y == i) for i, n in enumerate(class_names)
+            },
+        )
+        indices = torch.tensor([self.class_names.index(n) for n in class_names])
+        global_labels = indices[torch.tensor(list(labels), dtype=torch.long)]
+        self._invalidate()
+        timer = time.perf_counter()
+        calibrate = self.config.uses_calibration and len(self.memory) > 0
+        pixels = self._task_pixels(images)
+        old_features = self._encode_pixels(pixels, progress) if calibrate else None
+        report.seconds["encode_old"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        if self.config.stage1.epochs > 0:
+            anchors = self._current_anchors(indices.tolist())
+            per_task = self.config.stage1.loss_classes == "task"
+            targets = [int(y) for y in labels] if per_task else global_labels.tolist()
+            report.stage1_loss, report.stage1_train_accuracy = self._train_adapter(
+                images, targets, anchors, generator, progress
+            )
+        report.seconds["stage1"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        new_features = self._encode_and_calibrate(
+            pixels, labels, old_features, generator, report, progress
+        )
+        del pixels
+        for index in indices.tolist():
+            self.memory.merge_class(index, new_features[global_labels == index])
+        progress("memory", 1, 1)
+        report.seconds["memory"] = time.perf_counter() - timer
+
+        timer = time.perf_counter()
+        report.stage2_loss = self._stage2(new_features, global_labels, generator, progress)
+        self._invalidate()
+        report.seconds["stage2"] = time.perf_counter() - timer
+        report.train_accuracy = self._feature_accuracy(new_features, global_labels)
+        return report
+
+    def _task_pixels(self, images: Sequence[Any]) -> torch.Tensor:
+        """The test transform's pixels of a task's images, made once: both encoders'
+        passes (before and after stage 1) read them."""
+        return preprocess_all(
+            images,
+            self.eval_transform.to_uint8,
+            self.config.feature_batch_size,
+            workers=self.loader_workers,
+            device=self.device,
+        )
+
+    def _encode_and_calibrate(
+        self,
+        pixels: torch.Tensor,
+        labels: Sequence[int],
+        old_features: torch.Tensor | None,
+        generator: torch.Generator,
+        report: TaskReport,
+        progress: ProgressCallback,
+    ) -> torch.Tensor:
+        """The task's images under the adapted encoder; with `old_features` (the same
+        images under the encoder before stage 1), DMC-OT's calibration of the memory."""
+        new_features = self._encode_pixels(pixels, progress)
+        if old_features is not None:
+            calibration = _make_calibrator(self.config).calibrate(
+                self.memory,
+                old_features.to(self.device),
+                new_features.to(self.device),
+                torch.tensor(list(labels), dtype=torch.long),
+                generator,
+            )
+            report.calibration = _report_calibration(calibration)
+        return new_features
+
+    def _current_anchors(self, indices: list[int]) -> torch.Tensor:
+        """Stage-1 anchors for extending classes `indices`: one row per extended class
+        with `loss_classes: task`, one per class with `seen`; the template or the current
+        prompts, as `_anchor_features` anchors old classes."""
+        cfg = self.config
+        rows = indices if cfg.stage1.loss_classes == "task" else list(range(len(self.class_names)))
+        with torch.inference_mode(), self._autocast():
+            if cfg.stage1.anchors == "template":
+                names = [self.class_names[i] for i in rows]
+                tokens = self.text_tower.tokenize([cfg.prompts.template.format(n) for n in names])
+                features = self.backbone.model.encode_text(tokens)
+            else:
+                features = self.prompts()[torch.tensor(rows)]
+        return F.normalize(features.float(), dim=-1).clone()
+
+    def remove_classes(self, class_names: Sequence[str]) -> None:
+        """Forget classes: their prompt entries and Gaussian statistics go; the others
+        keep their order. Predictions never return them again."""
+        self._check_editable()
+        names = list(class_names)
+        unknown = [n for n in names if n not in self.class_names]
+        if unknown:
+            raise TaskError(f"classes not learned, so they cannot be removed: {unknown}")
+        keep = [i for i, n in enumerate(self.class_names) if n not in set(names)]
+        self.prompts.keep_classes(keep)
+        self.memory.keep_classes(keep)
+        self._invalidate()
+
+    def rename_class(self, old: str, new: str) -> None:
+        """Prompt a class with another name; its statistics and tokens stay."""
+        self._check_editable()
+        if old not in self.class_names:
+            raise TaskError(f"class {old!r} is not learned, so it cannot be renamed")
+        if not new or not new.strip():
+            raise TaskError("class names must not be empty")
+        if new in self.class_names:
+            raise TaskError(f"a class named {new!r} exists already")
+        self.prompts.rename_class(self.class_names.index(old), new)
+        self._invalidate()
+
+    def _check_editable(self) -> None:
+        if self.merged or self.inference_only:
+            raise TaskError(
+                "this learner cannot change: it was merged or loaded for inference only; "
+                "load the full state (part='full')"
+            )
+
     def _snapshot(self) -> dict[str, Any]:
         return {
             "adapter": adapter_state_dict(self.backbone.visual, self.config.adapter),
@@ -320,14 +483,7 @@ class Learner:
         local_labels = torch.tensor(list(labels), dtype=torch.long)
 
         calibrate = self.config.uses_calibration and len(self.memory) > 0
-        # The test transform's pixels, made once: both encoders' passes read them.
-        pixels = preprocess_all(
-            images,
-            self.eval_transform.to_uint8,
-            self.config.feature_batch_size,
-            workers=self.loader_workers,
-            device=self.device,
-        )
+        pixels = self._task_pixels(images)
         report.seconds["preprocess"] = time.perf_counter() - timer
         timer = time.perf_counter()
         old_features = self._encode_pixels(pixels, progress) if calibrate else None
@@ -340,17 +496,10 @@ class Learner:
         report.seconds["stage1"] = time.perf_counter() - timer
 
         timer = time.perf_counter()
-        new_features = self._encode_pixels(pixels, progress)
+        new_features = self._encode_and_calibrate(
+            pixels, labels, old_features, generator, report, progress
+        )
         del pixels
-        if old_features is not None:
-            calibration = _make_calibrator(self.config).calibrate(
-                self.memory,
-                old_features.to(self.device),
-                new_features.to(self.device),
-                local_labels,
-                generator,
-            )
-            report.calibration = _report_calibration(calibration)
         for i in range(len(class_names)):
             self.memory.add_class(first_new + i, new_features[local_labels == i])
         progress("memory", 1, 1)
@@ -370,6 +519,14 @@ class Learner:
     def _validate_task(
         self, images: Sequence[Any], labels: Sequence[int], class_names: list[str]
     ) -> None:
+        self._validate_images(images, labels, class_names)
+        known = set(class_names) & set(self.class_names)
+        if known:
+            raise TaskError(f"classes already learned: {sorted(known)}")
+
+    def _validate_images(
+        self, images: Sequence[Any], labels: Sequence[int], class_names: list[str]
+    ) -> None:
         if self.merged:
             raise TaskError("the adapter was merged for inference; load the state again to learn")
         if self.inference_only:
@@ -385,9 +542,6 @@ class Learner:
         duplicates = {n for n in class_names if class_names.count(n) > 1}
         if duplicates:
             raise TaskError(f"class names repeat within the task: {sorted(duplicates)}")
-        known = set(class_names) & set(self.class_names)
-        if known:
-            raise TaskError(f"classes already learned: {sorted(known)}")
         if len(images) != len(labels):
             raise TaskError(f"{len(images)} images but {len(labels)} labels")
         if any(not 0 <= y < len(class_names) for y in labels):
@@ -438,12 +592,24 @@ class Learner:
         generator: torch.Generator,
         progress: ProgressCallback,
     ) -> tuple[float | None, float | None]:
-        cfg = self.config.stage1
-        if cfg.epochs <= 0:
+        if self.config.stage1.epochs <= 0:
             return None, None
         first_new = len(self.class_names)
         anchors, offset = self._anchor_features(new_names)
         targets = (local_labels + first_new - offset).tolist()
+        return self._train_adapter(images, targets, anchors, generator, progress)
+
+    def _train_adapter(
+        self,
+        images: Sequence[Any],
+        targets: list[int],
+        anchors: torch.Tensor,
+        generator: torch.Generator,
+        progress: ProgressCallback,
+    ) -> tuple[float | None, float | None]:
+        """Stage 1: the image tower's adapter against frozen text `anchors`, image i's
+        target being row `targets[i]`."""
+        cfg = self.config.stage1
         transform = self.train_transform if cfg.augment else self.eval_transform
         loader = image_batches(
             images,
@@ -487,12 +653,14 @@ class Learner:
         generator: torch.Generator,
         progress: ProgressCallback,
     ) -> float | None:
+        """Stage 2: prompts on the real features of the task's classes (`global_labels`)
+        and Gaussian replay of every other class in the memory."""
         cfg = self.config.stage2
         if cfg.epochs <= 0:
             return None
-        first_new = int(global_labels.min())
-        old_classes = [c for c in self.memory.class_indices if c < first_new]
-        new_counts = torch.bincount(global_labels - first_new).tolist()
+        present = set(global_labels.tolist())
+        old_classes = [c for c in self.memory.class_indices if c not in present]
+        new_counts = [int(n) for n in torch.unique(global_labels, return_counts=True)[1]]
         n_replay = replay_total(cfg, len(old_classes), new_counts)
         n_per_epoch = len(new_features) + n_replay
         # Each step runs the text tower over every class: "bounded" takes its number of

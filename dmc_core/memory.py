@@ -9,6 +9,12 @@ The covariance is held only as a factor, never twice:
   fitted from the top eigenpairs, with psi keeping each dimension's variance.
 
 Sampling is exact for either form, batched over classes in one matmul on any device.
+
+A class can be extended with more images (`merge_class`): besides count, mean and
+covariance factor, each class keeps the shrinkage intensity its covariance was
+regularised with and two centred moments (sum |y|^2 y, sum |y|^4) that Ledoit-Wolf's
+intensity needs, so the merged statistics equal one pass over all the images. The merge
+works on what is stored: a low-rank covariance is merged as the low-rank matrix it holds.
 """
 
 from __future__ import annotations
@@ -54,33 +60,115 @@ def fecam_shrink(cov: torch.Tensor, alpha1: float, alpha2: float) -> torch.Tenso
 
 def ledoit_wolf_intensity(centred: torch.Tensor) -> float:
     """Ledoit-Wolf (2004) shrinkage intensity towards mu*I for centred samples [n, d]."""
-    n, d = centred.shape
-    emp = centred.T @ centred / n
+    moments = Moments.of(centred)
+    return _ledoit_wolf(moments.scatter, moments.n, moments.fourth)
+
+
+def _ledoit_wolf(scatter: torch.Tensor, n: int, fourth: torch.Tensor | float) -> float:
+    """The intensity from the sufficient statistics: scatter = sum y y^T and fourth =
+    sum |y|^4 of the n centred samples (sum over i, j of (y_i^2)(y_j^2) is |y|^4)."""
+    d = scatter.shape[0]
+    emp = scatter / n
     mu = torch.diagonal(emp).mean()
-    sq = centred**2
     # beta: how noisy the sample covariance is; delta: its distance to mu*I.
-    beta = ((sq.T @ sq).sum() / n - (emp**2).sum()) / (n * d)
+    beta = (float(fourth) / n - float((emp**2).sum())) / (n * d)
     delta = ((emp - mu * torch.eye(d, dtype=emp.dtype, device=emp.device)) ** 2).sum() / d
     if float(delta) <= 0.0:
         return 1.0
-    return float(torch.clamp(beta / delta, 0.0, 1.0))
+    return min(1.0, max(0.0, beta / float(delta)))
+
+
+@dataclass
+class Moments:
+    """Sufficient statistics of n samples for an exact merge: their mean, the scatter
+    sum (x - mean)(x - mean)^T, and the centred third and fourth moments sum |y|^2 y and
+    sum |y|^4 (y = x - mean), all float64."""
+
+    n: int
+    mean: torch.Tensor
+    scatter: torch.Tensor
+    third: torch.Tensor
+    fourth: torch.Tensor
+
+    @classmethod
+    def of(cls, features: torch.Tensor) -> Moments:
+        x = features.detach().to(torch.float64)
+        mean = x.mean(dim=0)
+        y = x - mean
+        norms = (y**2).sum(dim=1)
+        return cls(x.shape[0], mean, y.T @ y, norms @ y, (norms**2).sum())
+
+    def moved(self, mean: torch.Tensor) -> Moments:
+        """The same samples' moments about another centre `mean` (scatter stays central)."""
+        delta = mean - self.mean
+        c = float(delta @ delta)
+        trace = torch.trace(self.scatter)
+        s_delta = self.scatter @ delta
+        third = self.third - trace * delta - 2.0 * s_delta - self.n * c * delta
+        fourth = (
+            self.fourth
+            - 4.0 * (delta @ self.third)
+            + 4.0 * (delta @ s_delta)
+            + 2.0 * c * trace
+            + self.n * c * c
+        )
+        return Moments(self.n, mean, self.scatter, third, fourth)
+
+    def merged(self, other: Moments) -> Moments:
+        """The moments of both sets of samples together (Chan et al.'s pairwise update)."""
+        n = self.n + other.n
+        mean = (self.n * self.mean + other.n * other.mean) / n
+        gap = other.mean - self.mean
+        scatter = self.scatter + other.scatter + (self.n * other.n / n) * torch.outer(gap, gap)
+        a, b = self.moved(mean), other.moved(mean)
+        return Moments(n, mean, scatter, a.third + b.third, a.fourth + b.fourth)
+
+
+def regularised_covariance(moments: Moments, config: MemoryConfig) -> tuple[torch.Tensor, float]:
+    """The stored covariance [d, d] (float64, eps*I included) of samples with these moments,
+    and the shrinkage intensity applied (Ledoit-Wolf's rho; 1 or 0 for FeCAM's rule)."""
+    n, d = moments.n, moments.scatter.shape[0]
+    cov = moments.scatter / (n - 1)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    intensity = 0.0
+    if config.shrinkage == "ledoit_wolf":
+        intensity = _ledoit_wolf(moments.scatter, n, moments.fourth)
+        cov = (1.0 - intensity) * cov + intensity * torch.diagonal(cov).mean() * eye
+    elif config.shrinkage == "below_dim" and n < d:
+        cov = fecam_shrink(cov, config.shrink_alpha1, config.shrink_alpha2)
+        intensity = 1.0
+    elif config.shrinkage not in ("ledoit_wolf", "below_dim", "none"):
+        raise ValueError(f"unknown shrinkage {config.shrinkage!r}")
+    return 0.5 * (cov + cov.T) + config.eps * eye, intensity
+
+
+def sample_covariance(stored: torch.Tensor, intensity: float, config: MemoryConfig) -> torch.Tensor:
+    """Inverse of `regularised_covariance`: the unregularised covariance of a stored one.
+    Exact while the intensity is below 1; a fully shrunk Ledoit-Wolf covariance has lost
+    its structure, so its target (mean variance times I) stands in for it."""
+    d = stored.shape[0]
+    eye = torch.eye(d, dtype=stored.dtype, device=stored.device)
+    cov = stored - config.eps * eye
+    if config.shrinkage == "ledoit_wolf" and intensity > 0.0:
+        target = torch.diagonal(cov).mean() * eye
+        if intensity >= 1.0:
+            return target
+        return (cov - intensity * target) / (1.0 - intensity)
+    if config.shrinkage == "below_dim" and intensity > 0.0:
+        diag_mean = torch.diagonal(cov).mean() / (1.0 + config.shrink_alpha1)
+        off_mean = (cov.sum() - torch.diagonal(cov).sum()) / max(d * (d - 1), 1)
+        off_mean = off_mean / (1.0 + config.shrink_alpha2)
+        return (
+            cov
+            - config.shrink_alpha1 * diag_mean * eye
+            - config.shrink_alpha2 * off_mean * (1.0 - eye)
+        )
+    return cov
 
 
 def shrink_covariance(features: torch.Tensor, config: MemoryConfig) -> torch.Tensor:
     """Regularised float64 covariance [d, d] of features [n, d], eps*I included."""
-    x = features.detach().to(torch.float64)
-    n, d = x.shape
-    centred = x - x.mean(dim=0)
-    cov = centred.T @ centred / (n - 1)
-    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
-    if config.shrinkage == "ledoit_wolf":
-        rho = ledoit_wolf_intensity(centred)
-        cov = (1.0 - rho) * cov + rho * torch.diagonal(cov).mean() * eye
-    elif config.shrinkage == "below_dim" and n < d:
-        cov = fecam_shrink(cov, config.shrink_alpha1, config.shrink_alpha2)
-    elif config.shrinkage not in ("ledoit_wolf", "below_dim", "none"):
-        raise ValueError(f"unknown shrinkage {config.shrinkage!r}")
-    return 0.5 * (cov + cov.T) + config.eps * eye
+    return regularised_covariance(Moments.of(features), config)[0]
 
 
 @dataclass
@@ -89,9 +177,16 @@ class _ClassStats:
     mean: torch.Tensor  # [d] float32
     factor: torch.Tensor  # [d, d] lower Cholesky, or [d, rank]; float32
     diagonal: torch.Tensor | None  # [d] float32 (low rank only)
+    # For `merge_class`: the shrinkage intensity the covariance holds, and the centred
+    # moments sum |y|^2 y [d] and sum |y|^4 (zero in states saved before them).
+    shrinkage: float = 0.0
+    third: torch.Tensor | None = None
+    fourth: float = 0.0
 
     def nbytes(self) -> int:
         tensors = [self.mean, self.factor] + ([self.diagonal] if self.diagonal is not None else [])
+        if self.third is not None:
+            tensors.append(self.third)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -183,15 +278,54 @@ class GaussianMemory:
                 f"covariance, got {n}"
             )
         self._check_dim(d, f"features of class {class_index}")
-        x = features.detach().to(torch.float64)
-        cov = shrink_covariance(x, self.config)
+        self._store(class_index, Moments.of(features))
+
+    def _store(self, class_index: int, moments: Moments) -> None:
+        cov, intensity = regularised_covariance(moments, self.config)
         factors, diagonals = self._factorise(cov[None], [class_index])
         self._stats[class_index] = _ClassStats(
-            count=n,
-            mean=x.mean(dim=0).to("cpu", STORE_DTYPE),
+            count=moments.n,
+            mean=moments.mean.to("cpu", STORE_DTYPE),
             factor=factors[0],
             diagonal=None if diagonals is None else diagonals[0],
+            shrinkage=intensity,
+            third=moments.third.to("cpu", STORE_DTYPE),
+            fourth=float(moments.fourth),
         )
+
+    def moments(self, class_index: int) -> Moments:
+        """The class's sufficient statistics, recovered from what is stored (its current,
+        possibly calibrated, mean and covariance)."""
+        s = self._get(class_index)
+        d = self._dim or 0
+        scatter = sample_covariance(self.covariance(class_index), s.shrinkage, self.config)
+        third = s.third if s.third is not None else torch.zeros(d, dtype=torch.float64)
+        return Moments(
+            s.count,
+            s.mean.to(torch.float64),
+            scatter * (s.count - 1),
+            third.to(torch.float64),
+            torch.tensor(s.fourth, dtype=torch.float64),
+        )
+
+    def merge_class(self, class_index: int, features: torch.Tensor) -> None:
+        """Extend a stored class with more un-normalised features [n, d]: its count, mean
+        and covariance become those of one pass over all its images (exact for the full
+        covariance; a low-rank one merges the matrix it stores)."""
+        class_index = int(class_index)
+        current = self.moments(class_index)
+        if features.ndim != 2 or features.shape[1] != current.mean.shape[0]:
+            raise ValueError(
+                f"features must be [n, {current.mean.shape[0]}], got {tuple(features.shape)}"
+            )
+        if features.shape[0] < 1:
+            raise ValueError(f"no features to extend class {class_index} with")
+        self._store(class_index, current.merged(Moments.of(features)))
+
+    def keep_classes(self, class_indices: Sequence[int]) -> None:
+        """Keep only these classes, renumbered 0..k-1 in the given order (a removal)."""
+        stats = [self._get(int(c)) for c in class_indices]
+        self._stats = dict(enumerate(stats))
 
     def remove_class(self, class_index: int) -> None:
         """Forget a class's statistics."""
@@ -353,6 +487,11 @@ class GaussianMemory:
             "class_indices": torch.tensor(self.class_indices, dtype=torch.long),
             "counts": torch.tensor([s.count for s in stats], dtype=torch.long),
             "means": _stack([s.mean for s in stats], (d,)),
+            "shrinkage": torch.tensor([s.shrinkage for s in stats], dtype=STORE_DTYPE),
+            "third_moments": _stack(
+                [s.third if s.third is not None else torch.zeros(d) for s in stats], (d,)
+            ),
+            "fourth_moments": torch.tensor([s.fourth for s in stats], dtype=STORE_DTYPE),
         }
         if self.config.covariance == "low_rank":
             r = min(self.config.rank, d)
@@ -401,6 +540,11 @@ class GaussianMemory:
             factors, diagonals = _state_factors(state, d)
         elif c:
             factors, diagonals = memory._factorise(covariances, idx.tolist())
+        shrinkage, third, fourth = (
+            state.get("shrinkage"),
+            state.get("third_moments"),
+            state.get("fourth_moments"),
+        )
         for i, class_index in enumerate(idx.tolist()):
             assert factors is not None
             memory._stats[class_index] = _ClassStats(
@@ -408,6 +552,9 @@ class GaussianMemory:
                 mean=means[i].to("cpu", STORE_DTYPE).clone(),
                 factor=factors[i].to("cpu", STORE_DTYPE).clone(),
                 diagonal=None if diagonals is None else diagonals[i].to("cpu", STORE_DTYPE).clone(),
+                shrinkage=float(shrinkage[i]) if shrinkage is not None else 0.0,
+                third=None if third is None else third[i].to("cpu", STORE_DTYPE).clone(),
+                fourth=float(fourth[i]) if fourth is not None else 0.0,
             )
         return memory
 

@@ -57,12 +57,14 @@ class PromptLearner(nn.Module):
         self.task_tokens = nn.ParameterList()
         self.class_names: list[str] = []
         self.class_tasks: list[int] = []
+        # Tasks made so far, including those whose classes were all removed since.
+        self.task_count = 0
         self.token_ids: torch.Tensor
         self.register_buffer("token_ids", torch.empty(0, slot_ids.shape[0], dtype=torch.long))
 
     @property
     def n_tasks(self) -> int:
-        return max(self.class_tasks, default=-1) + 1
+        return max(self.task_count, max(self.class_tasks, default=-1) + 1)
 
     @property
     def n_learnable_tokens(self) -> int:
@@ -78,6 +80,7 @@ class PromptLearner(nn.Module):
         task = self.n_tasks
         self.add_task_tokens()
         self._append_classes(class_names, [task] * len(class_names))
+        self.task_count = task + 1
         return task
 
     def add_task_tokens(self) -> None:
@@ -105,6 +108,7 @@ class PromptLearner(nn.Module):
             "class_names": list(self.class_names),
             "class_tasks": list(self.class_tasks),
             "token_ids": self.token_ids.clone(),
+            "task_count": self.task_count,
         }
 
     def restore_snapshot(self, snapshot: dict[str, Any]) -> None:
@@ -114,10 +118,15 @@ class PromptLearner(nn.Module):
         self.class_names = list(snapshot["class_names"])
         self.class_tasks = list(snapshot["class_tasks"])
         self.token_ids = snapshot["token_ids"]
+        self.task_count = snapshot["task_count"]
 
-    def restore_classes(self, class_names: list[str], class_tasks: list[int]) -> None:
-        """Rebuild the class list of a saved state (its tensors are loaded separately)."""
-        n_tasks = max(class_tasks, default=-1) + 1
+    def restore_classes(
+        self, class_names: list[str], class_tasks: list[int], n_tasks: int | None = None
+    ) -> None:
+        """Rebuild the class list of a saved state (its tensors are loaded separately);
+        `n_tasks` counts tasks whose classes were all removed since, if any were."""
+        n_tasks = max(n_tasks or 0, max(class_tasks, default=-1) + 1)
+        self.task_count = n_tasks
         if self.n_task_tokens:
             for _ in range(n_tasks - len(self.task_tokens)):
                 self.task_tokens.append(
@@ -130,6 +139,21 @@ class PromptLearner(nn.Module):
     def add_classes(self, class_names: list[str], task: int) -> None:
         """Register classes of `task` (whose tokens `add_task_tokens` made)."""
         self._append_classes(class_names, [task] * len(class_names))
+
+    def keep_classes(self, indices: list[int]) -> None:
+        """Keep only these classes, in this order (a removal); task tokens stay."""
+        rows = torch.tensor(indices, dtype=torch.long, device=self.token_ids.device)
+        self.token_ids = self.token_ids.index_select(0, rows)
+        self.class_names = [self.class_names[i] for i in indices]
+        self.class_tasks = [self.class_tasks[i] for i in indices]
+
+    def rename_class(self, index: int, name: str) -> None:
+        """Prompt class `index` with another name; its context and task tokens stay."""
+        slots = " ".join([PLACEHOLDER] * (self.config.n_ctx + self.n_task_tokens))
+        ids = self.tower.tokenize([f"{slots} {name}."]).to(self.token_ids.device)
+        self.token_ids = self.token_ids.clone()
+        self.token_ids[index] = ids[0]
+        self.class_names[index] = name
 
     def _append_classes(self, class_names: list[str], class_tasks: list[int]) -> None:
         slots = " ".join([PLACEHOLDER] * (self.config.n_ctx + self.n_task_tokens))

@@ -286,7 +286,9 @@ def _take(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tens
 
 def _restore(learner: Learner, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     classes = manifest["classes"]
-    learner.prompts.restore_classes([c["name"] for c in classes], [c["task"] for c in classes])
+    learner.prompts.restore_classes(
+        [c["name"] for c in classes], [c["task"] for c in classes], manifest.get("n_tasks")
+    )
     try:
         load_adapter_state_dict(
             learner.backbone.visual, _take(tensors, "adapter."), learner.config.adapter

@@ -21,6 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from store.errors import (
+    ClassBusyError,
+    ClassNotFoundError,
     DuplicateClassError,
     EvaluationSetNotFoundError,
     IdempotencyConflictError,
@@ -29,6 +31,7 @@ from store.errors import (
     StateIntegrityError,
     StoreError,
     TaskNotFoundError,
+    VersionInUseError,
     VersionNotFoundError,
 )
 
@@ -114,6 +117,9 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 _STORE_STATUS: tuple[tuple[type[StoreError], int], ...] = (
     (VersionNotFoundError, 404),
     (EvaluationSetNotFoundError, 404),
+    (ClassNotFoundError, 404),
+    (ClassBusyError, 409),
+    (VersionInUseError, 409),
     (JobNotFoundError, 404),
     (TaskNotFoundError, 404),
     (JobStateError, 409),

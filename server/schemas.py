@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from store.evaluations import EvaluationInfo, EvaluationSetInfo
 from store.jobs import JobInfo, Submission
-from store.models import JobState
+from store.models import JobState, TaskKind
 from store.names import MAX_NAME_LENGTH
 from store.registry import VersionInfo
 
@@ -53,8 +53,14 @@ class JobOut(BaseModel):
 class SubmissionOut(BaseModel):
     task_id: int
     job_id: int
-    class_names: list[str] = Field(description="The task's classes, in label order.")
-    image_counts: list[int]
+    kind: TaskKind = Field(description="What the task changes.")
+    class_names: list[str] = Field(
+        description="The task's classes, in label order (a rename: the old name)."
+    )
+    image_counts: list[int] = Field(description="Images per class (none: remove, rename).")
+    base_version_id: int | None = Field(
+        description="The version it builds on; null: the one active when its job starts."
+    )
     replayed: bool = Field(
         description="True when the Idempotency-Key was seen before: this is the first "
         "request's task and job, and nothing new was stored."
@@ -66,6 +72,8 @@ class SubmissionOut(BaseModel):
         return cls(
             task_id=submission.task.id,
             job_id=submission.job.id,
+            kind=submission.task.kind,
+            base_version_id=submission.task.base_version_id,
             class_names=list(submission.task.class_names),
             image_counts=list(submission.task.image_counts),
             replayed=replayed,
@@ -135,6 +143,10 @@ class VersionOut(BaseModel):
     created_at: datetime
     class_count: int
     new_classes: list[str] = Field(description="The classes this version added.")
+    change: dict[str, Any] = Field(
+        description="What it changed against its parent: `kind` (add, extend, remove, "
+        "rename), `classes`, and `renamed` (old name -> new name)."
+    )
     metrics: dict[str, Any]
     size_bytes: int = Field(description="All its files, shared ones included.")
     added_bytes: int = Field(
@@ -169,9 +181,20 @@ class VersionOut(BaseModel):
         )
 
 
+class ClassRename(BaseModel):
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, description="The new name.")
+
+
+class VersionsDeleted(BaseModel):
+    deleted: list[int] = Field(
+        description="The versions deleted: the one asked for and, "
+        "with `cascade`, every version built on it."
+    )
+
+
 class ClassOut(BaseModel):
     name: str
-    version_id: int = Field(description="The version that learned the class.")
+    version_id: int = Field(description="The version that first learned the class.")
     task_id: int | None = Field(description="The task (upload) the class came in.")
     active: bool = Field(description="Whether the active version knows the class.")
 

@@ -43,11 +43,36 @@ class StaleParentError(StoreError):
 
 
 class DuplicateClassError(StoreError):
-    """Class names are unique across all versions."""
+    """Class names are unique within a version (so within the lineage a task builds on)."""
 
     def __init__(self, names: Iterable[str]) -> None:
         self.names = sorted(set(names))
         super().__init__(f"these classes already exist: {', '.join(self.names)}")
+
+
+class ClassNotFoundError(StoreError, LookupError):
+    """A task names classes that the version it builds on does not have."""
+
+    def __init__(self, names: Iterable[str], version_id: int | None = None) -> None:
+        self.names = sorted(set(names))
+        self.version_id = version_id
+        where = f"version {version_id}" if version_id is not None else "the version built on"
+        super().__init__(
+            f"no class named {', '.join(map(repr, self.names))} in {where}; GET /classes "
+            "lists the active version's classes"
+        )
+
+
+class ClassBusyError(StoreError):
+    """A queued task already removes or renames a class that a new task names."""
+
+    def __init__(self, busy: dict[str, int]) -> None:
+        self.busy = dict(sorted(busy.items()))
+        listed = ", ".join(f"{n!r} (task {t})" for n, t in self.busy.items())
+        super().__init__(
+            f"queued tasks remove or rename these classes: {listed}; wait for their jobs "
+            "(GET /jobs), then submit again"
+        )
 
 
 class ClassesTakenError(DuplicateClassError):
@@ -60,8 +85,9 @@ class ClassesTakenError(DuplicateClassError):
         parts = [f"{n!r} (learned)" for n in self.learned]
         parts += [f"{n!r} (queued in task {t})" for n, t in self.pending.items()]
         self.args = (
-            f"these classes already exist: {', '.join(parts)}; class names are unique, so "
-            "upload these images under new names (GET /classes lists the taken ones)",
+            f"these classes already exist: {', '.join(parts)}; class names are unique within "
+            "a version, so upload these images under new names, or give a known class more "
+            "images with POST /classes/{name}/images (GET /classes lists the classes)",
         )
 
 

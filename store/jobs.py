@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from store.db import Database
 from store.errors import (
-    ClassesTakenError,
     IdempotencyConflictError,
     JobNotFoundError,
+    StoreError,
     VersionNotFoundError,
 )
 from store.job_rows import (
@@ -31,8 +31,8 @@ from store.job_rows import (
     progress_update,
 )
 from store.leases import JobLeases
-from store.models import PENDING_STATES, Job, JobState, Task, Version, utcnow
-from store.tasks import TaskInfo, Tasks, taken_names, task_info, validate_task
+from store.models import PENDING_STATES, Job, JobState, Task, TaskKind, Version, utcnow
+from store.tasks import TaskInfo, Tasks, check_classes, task_info, validate_task
 
 __all__ = ["JobInfo", "Jobs", "Progress", "Submission", "TaskInfo"]
 
@@ -62,14 +62,20 @@ class Jobs(JobLeases):
         payload_digest: str | None = None,
         refuse_taken_classes: bool = False,
         gate: Mapping[str, Any] | None = None,
+        kind: TaskKind = TaskKind.ADD,
+        base_version_id: int | None = None,
+        arguments: Mapping[str, Any] | None = None,
     ) -> Submission:
-        """Record a task (one upload) and its queued job.
+        """Record a task and its queued job: new classes (`kind` add), more images of
+        known ones (extend), a removal or a rename (`arguments={"name": new name}`),
+        built on `base_version_id` or, when None, on the version active when the job
+        starts.
 
         With an `idempotency_key` seen before, returns the earlier task and job
-        (`created=False`), or raises `IdempotencyConflictError` if the classes, image
-        counts or (when both were recorded) `payload_digest`s differ. With
-        `refuse_taken_classes`, a class that a version learned or a queued task brings is
-        `ClassesTakenError`, checked after the key, so a replay is never refused.
+        (`created=False`), or raises `IdempotencyConflictError` if the kind, classes,
+        arguments, base, image counts or (when both were recorded) `payload_digest`s
+        differ. With `refuse_taken_classes`, the classes must fit the base version
+        (`store.tasks.check_classes`), checked after the key, so a replay is never refused.
         `activate=False` asks that the version learned from it is published but not made
         `active`; `gate` is the upload's promotion gate (`store.evaluations.GateRule`
         as JSON) in place of the settings'.
@@ -78,19 +84,19 @@ class Jobs(JobLeases):
         submitters take turns (a lock on the tasks table), so concurrent submissions of
         one key from any number of processes all get the first one's answer.
         """
-        names, counts = validate_task(class_names, image_counts, idempotency_key)
+        kind = TaskKind(kind)
+        names, counts = validate_task(class_names, image_counts, idempotency_key, kind, arguments)
         if payload_digest is not None and not 1 <= len(payload_digest) <= 64:
             raise ValueError("a payload digest is 1 to 64 characters (a sha256 in hex)")
+        what = _Identity(kind, names, counts, payload_digest, base_version_id, arguments)
         with self.db.write() as session:
             self.db.lock_table(session, Task.__tablename__)
             if idempotency_key is not None:
-                earlier = _replay(session, idempotency_key, names, counts, payload_digest)
+                earlier = _replay(session, idempotency_key, what)
                 if earlier is not None:
                     return earlier
             if refuse_taken_classes:
-                learned, pending = taken_names(session, names)
-                if learned or pending:
-                    raise ClassesTakenError(learned, pending)
+                check_classes(session, kind, names, arguments, base_version_id)
             task = Task(
                 idempotency_key=idempotency_key,
                 class_names=list(names),
@@ -100,6 +106,9 @@ class Jobs(JobLeases):
                 activate=bool(activate),
                 payload_digest=payload_digest,
                 gate=dict(gate) if gate is not None else None,
+                kind=kind,
+                base_version_id=base_version_id,
+                arguments=dict(arguments) if arguments is not None else None,
             )
             session.add(task)
             session.flush()
@@ -124,25 +133,39 @@ class Jobs(JobLeases):
         """The task and newest job of idempotency key `key` (None if the key is new);
         `IdempotencyConflictError` if that task has other classes, image counts or (when
         both were recorded) images."""
+        what = _Identity(TaskKind.ADD, tuple(names), tuple(counts), digest, None, None)
         with self.db.read() as session:
-            return _replay(session, key, tuple(names), tuple(counts), digest)
+            return _replay(session, key, what)
 
     def precheck(
-        self, key: str | None, names: Sequence[str], counts: Sequence[int], digest: str | None
+        self,
+        key: str | None,
+        names: Sequence[str],
+        counts: Sequence[int],
+        digest: str | None,
+        *,
+        kind: TaskKind = TaskKind.ADD,
+        base_version_id: int | None = None,
+        arguments: Mapping[str, Any] | None = None,
     ) -> Submission | None:
         """What `submit(..., refuse_taken_classes=True)` would answer without storing
         anything: the earlier submission of `key`, None for a new task, or the errors.
         A cheap check before the uploads are saved; `submit` decides for good."""
+        what = _Identity(kind, tuple(names), tuple(counts), digest, base_version_id, arguments)
         with self.db.read() as session:
             # Classes first, key second: a submission of this key that commits in between
             # is then seen by the key lookup, and is replayed rather than refused.
-            learned, pending = taken_names(session, names)
+            try:
+                check_classes(session, kind, names, arguments, base_version_id)
+                refused: Exception | None = None
+            except (StoreError, LookupError) as error:
+                refused = error
             if key is not None:
-                earlier = _replay(session, key, tuple(names), tuple(counts), digest)
+                earlier = _replay(session, key, what)
                 if earlier is not None:
                     return earlier
-        if learned or pending:
-            raise ClassesTakenError(learned, pending)
+        if refused is not None:
+            raise refused
         return None
 
     def get(self, job_id: int) -> JobInfo:
@@ -257,19 +280,32 @@ class Jobs(JobLeases):
             return job_info(job)
 
 
-def _replay(
-    session: Session,
-    key: str,
-    names: tuple[str, ...],
-    counts: tuple[int, ...],
-    digest: str | None,
-) -> Submission | None:
+@dataclass(frozen=True)
+class _Identity:
+    """What a replay of an idempotency key must repeat."""
+
+    kind: TaskKind
+    names: tuple[str, ...]
+    counts: tuple[int, ...]
+    digest: str | None
+    base_version_id: int | None
+    arguments: Mapping[str, Any] | None
+
+
+def _replay(session: Session, key: str, what: _Identity) -> Submission | None:
     task = session.scalar(select(Task).where(Task.idempotency_key == key))
     if task is None:
         return None
-    if tuple(task.class_names) != names or tuple(task.image_counts) != counts:
+    same = (
+        TaskKind(task.kind) == what.kind
+        and tuple(task.class_names) == what.names
+        and tuple(task.image_counts) == what.counts
+        and task.base_version_id == what.base_version_id
+        and (task.arguments or None) == (dict(what.arguments) if what.arguments else None)
+    )
+    if not same:
         raise IdempotencyConflictError(key, task.id)
-    if None not in (digest, task.payload_digest) and digest != task.payload_digest:
+    if None not in (what.digest, task.payload_digest) and what.digest != task.payload_digest:
         raise IdempotencyConflictError(key, task.id)
     job = session.scalar(select(Job).where(Job.task_id == task.id).order_by(Job.id.desc()).limit(1))
     if job is None:

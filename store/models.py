@@ -73,6 +73,15 @@ class JobState(enum.StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class TaskKind(enum.StrEnum):
+    """What a task changes: new classes, more images of known ones, a removal, a rename."""
+
+    ADD = "add"
+    EXTEND = "extend"
+    REMOVE = "remove"
+    RENAME = "rename"
+
+
 # A job in one of these states still has to run (or finish running).
 PENDING_STATES = (JobState.QUEUED, JobState.RUNNING)
 
@@ -84,6 +93,16 @@ JOB_STATE_TYPE = Enum(
     create_constraint=True,
     length=16,
     values_callable=lambda states: [s.value for s in states],
+)
+
+
+TASK_KIND_TYPE = Enum(
+    TaskKind,
+    name="task_kind",
+    native_enum=False,
+    create_constraint=True,
+    length=16,
+    values_callable=lambda kinds: [k.value for k in kinds],
 )
 
 
@@ -110,27 +129,34 @@ class Version(Base):
     checksum: Mapped[str] = mapped_column(String(64))
     # {file name: {"sha256": hex, "size": bytes}}
     files: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # What it changed against its parent: `store.lineage.ClassChange.as_json()`.
+    change: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class ClassRecord(Base):
-    """A class, recorded once by the version (and task) that introduced it."""
+    """A class of a version: every version lists all its classes (names are unique within
+    a version, so within a lineage, not across abandoned branches)."""
 
     __tablename__ = "classes"
+    __table_args__ = (UniqueConstraint("version_id", "name", name="uq_classes_version_id_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), unique=True)
-    # Position among the classes its version introduced: the learner's label order.
+    name: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH))
+    # Position among the version's classes: the learner's label order.
     ordinal: Mapped[int] = mapped_column(Integer)
     version_id: Mapped[int] = mapped_column(
         ForeignKey("versions.id", ondelete="CASCADE"), index=True
     )
+    # The task that brought the class, and the version that first learned it.
     task_id: Mapped[int | None] = mapped_column(
         ForeignKey("tasks.id", ondelete="SET NULL"), index=True
     )
+    since_version_id: Mapped[int | None] = mapped_column(Integer)
 
 
 class Task(Base):
-    """One upload of new classes."""
+    """One change of the class set: an upload of new classes or of more images of known
+    ones, a removal or a rename (`kind`)."""
 
     __tablename__ = "tasks"
     __table_args__ = ({"sqlite_autoincrement": True},)
@@ -150,6 +176,15 @@ class Task(Base):
     # This upload's promotion gate (`store.evaluations.GateRule` as JSON) in place of the
     # settings' one; None: the settings decide.
     gate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    kind: Mapped[TaskKind] = mapped_column(
+        TASK_KIND_TYPE, default=TaskKind.ADD, server_default="add"
+    )
+    # The version its job builds on; None: the one active when the job starts.
+    base_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("versions.id", ondelete="SET NULL")
+    )
+    # Kind-specific arguments, e.g. {"name": new name} of a rename.
+    arguments: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
 
 class Job(Base):

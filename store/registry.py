@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, func, literal, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from dmc_core.state_files import MANIFEST, Part, files_of_part
 from store.db import Database
 from store.errors import (
-    DuplicateClassError,
+    ClassNotFoundError,
     ObjectIntegrityError,
     ObjectNotFoundError,
     StaleParentError,
@@ -32,7 +32,18 @@ from store.errors import (
     VersionNotFoundError,
 )
 from store.garbage import collect_unreferenced, collect_unreferenced_objects
-from store.models import ACTIVE_ALIAS, Alias, ClassRecord, Task, Version, utcnow
+from store.lineage import ClassChange
+from store.models import (
+    ACTIVE_ALIAS,
+    PENDING_STATES,
+    Alias,
+    ClassRecord,
+    Job,
+    Task,
+    TaskKind,
+    Version,
+    utcnow,
+)
 from store.names import class_name_problem
 from store.objects import (
     BLOBS_ROOT,
@@ -44,7 +55,7 @@ from store.objects import (
     state_checksum,
     validate_key,
 )
-from store.tasks import learned_names
+from store.tasks import ClassRow
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +83,8 @@ class VersionInfo:
     files: dict[str, str]  # file name -> sha256
     size_bytes: int  # all its files
     new_classes: tuple[str, ...] = field(default=())
+    # What it changed against its parent (`ClassChange.as_json()`).
+    change: dict[str, Any] = field(default_factory=dict)
     # What storing it cost: its blobs that no version stored before it did.
     added_bytes: int = 0
     keys: dict[str, str] = field(default_factory=dict)  # file name -> object key
@@ -99,11 +112,14 @@ class Registry:
         activate: bool = False,
         require_newest_parent: bool = False,
         finalize: Finalizer | None = None,
+        change: ClassChange | None = None,
     ) -> VersionInfo:
         """Store `state` as a new version built on `parent_id` and return it.
 
         The blobs are written first under a fresh prefix; then one transaction inserts the
-        version, the classes it introduced (names are unique across versions) and, with
+        version, its classes (the parent's changed by `change`, by default the addition of
+        `new_classes`; names are unique within a version: `DuplicateClassError`, and a
+        change of a class the parent lacks is `ClassNotFoundError`) and, with
         `activate`, moves the `active` alias. `parent_id` is recorded as given; with
         `require_newest_parent` the publish is refused (`StaleParentError`) unless the parent
         is still the newest version. `class_count` defaults to the parent's plus the new.
@@ -112,7 +128,10 @@ class Registry:
         published.
         """
         sources = dict(_state_sources(state))
-        names = _validate_class_names(new_classes)
+        if change is None:
+            change = ClassChange(TaskKind.ADD, _validate_class_names(new_classes))
+        else:
+            _validate_class_names(change.added)
         location = fresh_prefix(VERSIONS_ROOT)
         uploaded: builtins.list[str] = []
         try:
@@ -125,31 +144,23 @@ class Registry:
                     uploaded.append(key)
                 files[name] = {"sha256": digest, "size": size, "key": key}
             checksum = state_checksum({n: f["sha256"] for n, f in files.items()})
-            try:
-                with self.db.write() as session:
-                    info = self._insert(
-                        session,
-                        parent_id=parent_id,
-                        metrics=dict(metrics or {}),
-                        names=names,
-                        task_id=task_id,
-                        class_count=class_count,
-                        location=location,
-                        checksum=checksum,
-                        files=files,
-                        sources=sources,
-                        activate=activate,
-                        require_newest_parent=require_newest_parent,
-                    )
-                    if finalize is not None:
-                        finalize(session, info)
-            except IntegrityError as error:
-                if names:
-                    with self.db.read() as session:
-                        taken = learned_names(session, names)
-                    if taken:
-                        raise DuplicateClassError(taken) from error
-                raise
+            with self.db.write() as session:
+                info = self._insert(
+                    session,
+                    parent_id=parent_id,
+                    metrics=dict(metrics or {}),
+                    change=change,
+                    task_id=task_id,
+                    class_count=class_count,
+                    location=location,
+                    checksum=checksum,
+                    files=files,
+                    sources=sources,
+                    activate=activate,
+                    require_newest_parent=require_newest_parent,
+                )
+                if finalize is not None:
+                    finalize(session, info)
         except Exception:
             # Best effort; whatever is left (or a crash) is the garbage collector's.
             try:
@@ -193,7 +204,7 @@ class Registry:
         *,
         parent_id: int | None,
         metrics: dict[str, Any],
-        names: tuple[str, ...],
+        change: ClassChange,
         task_id: int | None,
         class_count: int | None,
         location: str,
@@ -223,12 +234,13 @@ class Registry:
             newest = session.scalar(select(func.max(Version.id)))
             if newest != parent_id:
                 raise StaleParentError(parent_id, newest)
-        if names:
-            taken = learned_names(session, names)
-            if taken:
-                raise DuplicateClassError(taken)
+        inherited = {r.name: r for r in _class_records(session, parent_id)}
+        try:
+            names = change.apply(builtins.list(inherited))
+        except ClassNotFoundError as error:
+            raise ClassNotFoundError(error.names, parent_id) from None
         if class_count is None:
-            class_count = (parent.class_count if parent else 0) + len(names)
+            class_count = len(names)
         row = Version(
             parent_id=parent_id,
             created_at=utcnow(),
@@ -237,17 +249,28 @@ class Registry:
             state_location=location,
             checksum=checksum,
             files=files,
+            change=change.as_json(),
         )
         session.add(row)
         session.flush()
-        session.add_all(
-            ClassRecord(name=name, ordinal=i, version_id=row.id, task_id=task_id)
-            for i, name in enumerate(names)
-        )
+        origin = {new: old for old, new in change.renamed.items()}
+        records = []
+        for i, name in enumerate(names):
+            before = inherited.get(origin.get(name, name))
+            records.append(
+                ClassRecord(
+                    name=name,
+                    ordinal=i,
+                    version_id=row.id,
+                    task_id=task_id if before is None else before.task_id,
+                    since_version_id=row.id if before is None else before.since_version_id,
+                )
+            )
+        session.add_all(records)
         if activate:
             _point_alias(session, ACTIVE_ALIAS, row.id)
         session.flush()
-        return _info(row, names)
+        return _info(row)
 
     def activate(self, version_id: int) -> VersionInfo:
         """Make `version_id` the active version; activating an older one is a rollback."""
@@ -256,46 +279,48 @@ class Registry:
             if row is None:
                 raise VersionNotFoundError(version_id)
             _point_alias(session, ACTIVE_ALIAS, version_id)
-            info = _info(row, _new_classes(session, version_id))
+            info = _info(row)
         log.info("version %d is now active", version_id)
         return info
 
-    def delete(self, version_id: int) -> None:
-        """Delete a version and its blobs; refused while an alias points at it or other
-        versions build on it (their lineage would lose classes)."""
+    def delete(self, version_id: int, *, cascade: bool = False) -> builtins.list[int]:
+        """Delete a version and its blobs (those no other version shares); returns the ids
+        deleted. Refused while an alias points at it or a queued or running task builds on
+        it, and while other versions build on it unless `cascade`, which deletes its whole
+        subtree (refused likewise if any of it is in use)."""
         with self.db.write() as session:
             self.db.lock_table(session, Version.__tablename__)
-            row = session.get(Version, version_id)
-            if row is None:
+            if session.get(Version, version_id) is None:
                 raise VersionNotFoundError(version_id)
-            aliases = session.scalars(
-                select(Alias.name).where(Alias.version_id == version_id).order_by(Alias.name)
-            ).all()
-            if ACTIVE_ALIAS in aliases:
-                raise VersionInUseError(
-                    version_id, "it is the active version; activate another version first"
-                )
-            if aliases:
-                raise VersionInUseError(version_id, f"aliases {', '.join(aliases)} point at it")
+            _refuse_in_use(session, version_id, [version_id])
+            subtree = _subtree(session, version_id)
             children = session.scalars(
                 select(Version.id).where(Version.parent_id == version_id).order_by(Version.id)
             ).all()
-            if children:
+            if children and not cascade:
                 listed = ", ".join(str(c) for c in children)
-                raise VersionInUseError(version_id, f"versions {listed} build on it")
-            location = row.state_location
-            keys = builtins.list(_keys(row).values())
+                raise VersionInUseError(
+                    version_id, f"versions {listed} build on it (delete them too with cascade)"
+                )
+            _refuse_in_use(session, version_id, subtree)
+            rows = session.scalars(select(Version).where(Version.id.in_(subtree))).all()
+            locations = [row.state_location for row in rows]
+            keys = [key for row in rows for key in _keys(row).values()]
             try:
-                session.execute(delete(Version).where(Version.id == version_id))
+                # Children first: a parent is never deleted before what builds on it.
+                for vid in sorted(subtree, reverse=True):
+                    session.execute(delete(Version).where(Version.id == vid))
                 session.flush()
             except IntegrityError as error:
                 raise VersionInUseError(version_id, "it is referenced") from error
         try:
             self._delete_unreferenced(keys)
-            self.objects.delete_prefix(location)
+            for location in locations:
+                self.objects.delete_prefix(location)
         except Exception:
-            log.warning("could not remove the blobs of deleted version %d", version_id)
-        log.info("deleted version %d", version_id)
+            log.warning("could not remove the blobs of deleted versions %s", subtree)
+        log.info("deleted versions %s", sorted(subtree))
+        return sorted(subtree)
 
     def collect_garbage(self, *, grace_seconds: float | None = None) -> builtins.list[str]:
         """Remove version blobs no version row references; return the removed keys."""
@@ -321,7 +346,7 @@ class Registry:
             row = session.get(Version, version_id)
             if row is None:
                 raise VersionNotFoundError(version_id)
-            return _info(row, _new_classes(session, version_id))
+            return _info(row)
 
     def list(self, *, limit: int | None = None, offset: int = 0) -> builtins.list[VersionInfo]:
         """Versions, newest first."""
@@ -333,30 +358,23 @@ class Registry:
         return next(iter(self._infos(query.where(Alias.name == ACTIVE_ALIAS))), None)
 
     def newest(self) -> VersionInfo | None:
-        """The version an update should build on."""
+        """The version with the highest id (the latest published)."""
         return next(iter(self.list(limit=1)), None)
 
     def class_names(self, version_id: int) -> builtins.list[str]:
-        """Every class of a version, in label order: its ancestors' first, then its own."""
-        lineage = (
-            select(Version.id, Version.parent_id, literal(0).label("depth"))
-            .where(Version.id == version_id)
-            .cte("lineage", recursive=True)
-        )
-        lineage = lineage.union_all(
-            select(Version.id, Version.parent_id, lineage.c.depth + 1).join(
-                lineage, Version.id == lineage.c.parent_id
-            )
-        )
-        query = (
-            select(ClassRecord.name)
-            .join(lineage, ClassRecord.version_id == lineage.c.id)
-            .order_by(lineage.c.depth.desc(), ClassRecord.ordinal)
-        )
+        """Every class of a version, in label order."""
+        return [c.name for c in self.classes(version_id)]
+
+    def classes(self, version_id: int) -> builtins.list[ClassRow]:
+        """Every class of a version, in label order, with the version that first learned
+        it and the task that brought it."""
         with self.db.read() as session:
             if session.get(Version, version_id) is None:
                 raise VersionNotFoundError(version_id)
-            return builtins.list(session.scalars(query))
+            return [
+                ClassRow(r.name, r.since_version_id or r.version_id, r.task_id)
+                for r in _class_records(session, version_id)
+            ]
 
     def load_state(
         self, version_id: int, dest: Path | str | None = None, *, part: Part = "full"
@@ -425,17 +443,7 @@ class Registry:
 
     def _infos(self, query: Select[Version]) -> builtins.list[VersionInfo]:
         with self.db.read() as session:
-            rows = session.scalars(query).all()
-            classes: dict[int, builtins.list[str]] = {row.id: [] for row in rows}
-            if rows:
-                records = session.execute(
-                    select(ClassRecord.version_id, ClassRecord.name)
-                    .where(ClassRecord.version_id.in_(classes))
-                    .order_by(ClassRecord.version_id, ClassRecord.ordinal)
-                )
-                for vid, name in records:
-                    classes[vid].append(name)
-            return [_info(row, classes[row.id]) for row in rows]
+            return [_info(row) for row in session.scalars(query).all()]
 
 
 def _keys(row: Version) -> dict[str, str]:
@@ -472,7 +480,8 @@ def _digest(source: bytes | Path) -> tuple[str, int]:
     return sha256_file(source), source.stat().st_size
 
 
-def _info(row: Version, new_classes: Sequence[str]) -> VersionInfo:
+def _info(row: Version) -> VersionInfo:
+    change = ClassChange.from_json(row.change)
     return VersionInfo(
         id=row.id,
         parent_id=row.parent_id,
@@ -483,20 +492,56 @@ def _info(row: Version, new_classes: Sequence[str]) -> VersionInfo:
         checksum=row.checksum,
         files={name: f["sha256"] for name, f in row.files.items()},
         size_bytes=sum(int(f.get("size", 0)) for f in row.files.values()),
-        new_classes=tuple(new_classes),
+        new_classes=change.added if change.kind == TaskKind.ADD else (),
+        change=change.as_json(),
         added_bytes=_added_bytes(row),
         keys=_keys(row),
     )
 
 
-def _new_classes(session: Session, version_id: int) -> list[str]:
-    return list(
-        session.scalars(
-            select(ClassRecord.name)
-            .where(ClassRecord.version_id == version_id)
-            .order_by(ClassRecord.ordinal)
-        )
+def _class_records(session: Session, version_id: int | None) -> list[ClassRecord]:
+    if version_id is None:
+        return []
+    query = (
+        select(ClassRecord)
+        .where(ClassRecord.version_id == version_id)
+        .order_by(ClassRecord.ordinal)
     )
+    return list(session.scalars(query))
+
+
+def _subtree(session: Session, version_id: int) -> list[int]:
+    """The version and every version that builds on it, directly or not."""
+    found, frontier = [version_id], [version_id]
+    while frontier:
+        frontier = list(session.scalars(select(Version.id).where(Version.parent_id.in_(frontier))))
+        found += frontier
+    return found
+
+
+def _refuse_in_use(session: Session, version_id: int, subtree: list[int]) -> None:
+    """`VersionInUseError` if an alias points into `subtree` or a pending task builds on it."""
+    aliases = session.execute(
+        select(Alias.name, Alias.version_id).where(Alias.version_id.in_(subtree))
+    ).all()
+    for name, vid in sorted(aliases):
+        if name == ACTIVE_ALIAS:
+            which = "it is" if vid == version_id else f"version {vid} (in its subtree) is"
+            raise VersionInUseError(
+                version_id, f"{which} the active version; activate another version first"
+            )
+    if aliases:
+        names = ", ".join(sorted(name for name, _ in aliases))
+        raise VersionInUseError(version_id, f"aliases {names} point at it")
+    pending = session.scalars(
+        select(Task.id)
+        .join(Job, Job.task_id == Task.id)
+        .where(Task.base_version_id.in_(subtree), Job.state.in_(PENDING_STATES))
+        .order_by(Task.id)
+    ).all()
+    if pending:
+        listed = ", ".join(str(t) for t in pending)
+        raise VersionInUseError(version_id, f"queued tasks {listed} build on it")
 
 
 def _point_alias(session: Session, name: str, version_id: int) -> None:

@@ -5,15 +5,16 @@ Both dispatchers (Celery, embedded thread) call `JobRunner.run_pending(job_id)` 
 is announced. The message is only a wake-up: the runner takes the update lock (one
 runner at a time across all workers; see `worker.locking`), then claims and runs the
 oldest queued job, again and again until none is left, so updates apply one at a time in
-submission order, each on the newest version.
+submission order, each on the version active when it starts (or the task's base version).
 
 One run of a job (`attempts` is its fencing token):
-1. load the task's images and decode them; load the newest version's state (or build the
-   base learner when there is none);
-2. `Learner.learn_task`, writing progress (stage, step, total, overall percent) to the job
-   at most every `job_progress_interval_seconds`; each write also renews the lease and
-   sees a cancel; a heartbeat thread renews the lease in between;
-3. save the state, publish it with `require_newest_parent=True` and, in the same
+1. load the task's images (if its kind has any) and decode them; load the state of the
+   version it builds on (or build the base learner when there is none);
+2. apply the task (`worker.task_kinds`: `Learner.learn_task`, `extend_classes`,
+   `remove_classes` or `rename_class`), writing progress (stage, step, total, overall
+   percent) to the job at most every `job_progress_interval_seconds`; each write also
+   renews the lease and sees a cancel; a heartbeat thread renews the lease in between;
+3. save the state, publish it as a child of that version and, in the same
    transaction, mark the job succeeded (refused if the job was cancelled or another run
    took it over): the version and the job's success commit together or not at all;
 4. release the task's uploads.

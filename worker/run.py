@@ -1,6 +1,6 @@
 """One run of a job (see `worker.jobs` for the order of its steps): load the task's images
-and the newest version, learn the task, save the state, and publish it together with the
-job's success."""
+and the version it builds on, apply the task (its kind's entry in `worker.task_kinds`),
+save the state, and publish it together with the job's success."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import gc
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from PIL import Image
 from sqlalchemy.orm import Session
 
 from dmc_core.backbone import BackboneError
@@ -25,14 +25,16 @@ from dmc_core.errors import DmcError
 from dmc_core.learner import Learner, TaskError
 from dmc_core.state import save_state
 from store.errors import (
+    ClassNotFoundError,
     DuplicateClassError,
     JobStateError,
     LeaseLostError,
-    StaleParentError,
     StoreError,
+    VersionNotFoundError,
 )
-from store.jobs import JobInfo
-from store.models import JobState
+from store.jobs import JobInfo, TaskInfo
+from store.lineage import ClassChange
+from store.models import JobState, TaskKind
 from store.registry import VersionInfo
 from store.service import Store
 from worker.errors import (
@@ -49,15 +51,13 @@ from worker.heartbeat import Heartbeat, ProgressWriter
 from worker.images import decode_task_images
 from worker.locking import LockLostError, UpdateLock
 from worker.model import build_base_learner, load_learner
-from worker.progress import LOAD_PERCENT, PUBLISH_PERCENT, SAVE_PERCENT, learning_stages
+from worker.progress import LOAD_PERCENT, PUBLISH_PERCENT, SAVE_PERCENT
 from worker.settings import WorkerSettings
+from worker.task_kinds import TASK_KINDS
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# How often a job is learned again when another version appeared meanwhile.
-_PUBLISH_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -150,82 +150,99 @@ class JobExecutor:
         store = self.store
         progress.phase("load", LOAD_PERCENT)
         task = store.jobs.tasks.get(job.task_id)
+        kind = TASK_KINDS[task.kind]
+        images, labels = self._images(task) if kind.needs_images else ([], [])
+        seconds: dict[str, float] = {"images": time.perf_counter() - started}
+
+        timer = time.perf_counter()
+        parent = self._base_version(task)
+        learner = self._learner_on(parent, workdir)
+        seconds["load_state"] = time.perf_counter() - timer
+
+        old_classes = learner.class_names
+        # Only kinds that learn from images are evaluated (and gated): a removal or a
+        # rename changes which classes there are, not what is learned of the others.
+        evaluation = (
+            EvaluationRun.load(
+                store, [*old_classes, *task.class_names], max_side=self.settings.max_image_side
+            )
+            if kind.needs_images
+            else EvaluationRun([], max_side=self.settings.max_image_side)
+        )
+        baseline_stages = evaluation.stages if old_classes else []
+        progress.learning(baseline_stages + kind.stages(learner) + evaluation.stages)
+        baseline = evaluation.predict(learner, progress) if old_classes else None
+        timer = time.perf_counter()
+        report = kind.apply(learner, task, images, labels, progress)
+        seconds["learn"] = time.perf_counter() - timer
+        new_classes = task.class_names if task.kind is TaskKind.ADD else ()
+        results = evaluation.results(
+            evaluation.predict(learner, progress),
+            baseline,
+            old_classes=old_classes,
+            new_classes=new_classes,
+        )
+        gate = decide(gate_rule(self.settings, task.gate), results.values())
+
+        progress.phase("save", SAVE_PERCENT)
+        timer = time.perf_counter()
+        state_dir = workdir / "state"
+        save_state(learner, state_dir)
+        seconds["save"] = time.perf_counter() - timer
+        metrics = _metrics(job, task, learner, report, seconds, started)
+        metrics["gate"] = gate.as_json()
+        del learner
+        _free_memory()
+
+        progress.phase("publish", PUBLISH_PERCENT)
+
+        finalize = functools.partial(_finalize, store, job, results, gate, task.activate)
+
+        try:
+            return store.registry.publish(
+                state_dir,
+                parent_id=parent.id if parent else None,
+                metrics=metrics,
+                change=ClassChange.of_task(task.kind, task.class_names, task.arguments),
+                task_id=task.id,
+                activate=task.activate and gate.passed,
+                finalize=finalize,
+            )
+        except JobStateError as error:
+            raise JobCancelledError() from error
+        except VersionNotFoundError as error:
+            raise JobFailedError(
+                f"the version this task built on was deleted while its job ran ({error}); "
+                "submit the task again"
+            ) from error
+
+    def _images(self, task: TaskInfo) -> tuple[list[Image.Image], list[int]]:
         if task.uploads_location is None:
             raise JobFailedError(
                 f"the images of task {task.id} are no longer stored, so it cannot be learned; "
                 "upload the task again"
             )
         try:
-            uploads = store.uploads.load(task.uploads_location)
+            uploads = self.store.uploads.load(task.uploads_location)
         except StoreError as error:
             raise JobFailedError(
                 f"the uploaded images cannot be read back from the object store ({error}); "
                 "upload the task again"
             ) from error
-        images, labels = decode_task_images(
-            uploads, task.class_names, max_side=self.settings.max_image_side
-        )
-        del uploads
-        seconds: dict[str, float] = {"images": time.perf_counter() - started}
+        return decode_task_images(uploads, task.class_names, max_side=self.settings.max_image_side)
 
-        for tries in range(1, _PUBLISH_TRIES + 1):
-            timer = time.perf_counter()
-            parent = store.registry.newest()
-            learner = self._learner_on(parent, workdir)
-            seconds["load_state"] = time.perf_counter() - timer
-
-            old_classes = learner.class_names
-            evaluation = EvaluationRun.load(
-                store, [*old_classes, *task.class_names], max_side=self.settings.max_image_side
-            )
-            baseline_stages = evaluation.stages if old_classes else []
-            progress.learning(baseline_stages + learning_stages(learner) + evaluation.stages)
-            baseline = evaluation.predict(learner, progress) if old_classes else None
-            timer = time.perf_counter()
-            report = learner.learn_task(images, labels, task.class_names, progress=progress)
-            seconds["learn"] = time.perf_counter() - timer
-            results = evaluation.results(
-                evaluation.predict(learner, progress),
-                baseline,
-                old_classes=old_classes,
-                new_classes=task.class_names,
-            )
-            gate = decide(gate_rule(self.settings, task.gate), results.values())
-
-            progress.phase("save", SAVE_PERCENT)
-            timer = time.perf_counter()
-            state_dir = workdir / f"state-{tries}"
-            save_state(learner, state_dir)
-            seconds["save"] = time.perf_counter() - timer
-            metrics = _metrics(job, task.id, learner, report.to_dict(), seconds, started)
-            metrics["gate"] = gate.as_json()
-            del learner
-            _free_memory()
-
-            progress.phase("publish", PUBLISH_PERCENT)
-
-            finalize = functools.partial(_finalize, store, job, results, gate, task.activate)
-
-            try:
-                return store.registry.publish(
-                    state_dir,
-                    parent_id=parent.id if parent else None,
-                    metrics=metrics,
-                    new_classes=task.class_names,
-                    task_id=task.id,
-                    activate=task.activate and gate.passed,
-                    require_newest_parent=True,
-                    finalize=finalize,
-                )
-            except StaleParentError as error:
-                log.warning("job %d: %s; learning it again (try %d)", job.id, error, tries + 1)
-                shutil.rmtree(state_dir, ignore_errors=True)
-            except JobStateError as error:
-                raise JobCancelledError() from error
-        raise JobFailedError(
-            f"other versions were published while this task was learned, {_PUBLISH_TRIES} "
-            "times in a row; upload the task again when no other update is running"
-        )
+    def _base_version(self, task: TaskInfo) -> VersionInfo | None:
+        """The version the task builds on: the one it names, or the one active now."""
+        registry = self.store.registry
+        if task.base_version_id is None:
+            return registry.active()
+        try:
+            return registry.get(task.base_version_id)
+        except VersionNotFoundError as error:
+            raise JobFailedError(
+                f"the version this task builds on ({task.base_version_id}) was deleted; "
+                "submit the task again"
+            ) from error
 
     def _learner_on(self, parent: VersionInfo | None, workdir: Path) -> Learner:
         if parent is None:
@@ -243,8 +260,8 @@ class JobExecutor:
             raise JobFailedError(str(error)) from error
         except (StoreError, DmcError) as error:
             raise JobFailedError(
-                f"the newest version ({parent.id}) cannot be loaded to learn on: {error}. "
-                "Repair or delete that version, then upload the task again"
+                f"the version to build on ({parent.id}) cannot be loaded: {error}. Activate "
+                "a good version (or delete this one), then submit the task again"
             ) from error
 
 
@@ -279,6 +296,8 @@ def _failure_message(error: Exception) -> str:
         return f"the task cannot be learned: {error}. Fix the upload and submit it again"
     if isinstance(error, DuplicateClassError):
         return f"{error}; class names must be new, so rename them and upload the task again"
+    if isinstance(error, ClassNotFoundError):
+        return f"{error}; submit the task again for a version that has the class"
     if isinstance(error, torch.cuda.OutOfMemoryError):
         return (
             "the GPU ran out of memory while learning the task; lower stage1.batch_size "
@@ -293,7 +312,7 @@ def _failure_message(error: Exception) -> str:
 
 def _metrics(
     job: JobInfo,
-    task_id: int,
+    task: TaskInfo,
     learner: Learner,
     report: dict[str, Any],
     seconds: dict[str, float],
@@ -304,7 +323,8 @@ def _metrics(
     duration = time.perf_counter() - started
     timings["total"] = duration
     metrics = {
-        "task_id": task_id,
+        "task_id": task.id,
+        "task_kind": task.kind.value,
         "job_id": job.id,
         "attempt": job.attempts,
         "method": learner.config.method,

@@ -17,11 +17,13 @@ from server.auth import SCOPE_ADMIN
 from server.dashboard import plots
 from server.dashboard.evaluation_view import version_context
 from server.dashboard.session import SESSION_KEY, signed_in
+from server.dashboard.tree import version_tree
 from server.dependencies import JobId, ServicesDep, VersionId
 from server.errors import NotSignedInError
 from server.schemas import JobOut
 from store.models import PENDING_STATES, JobState
 from store.registry import VersionInfo
+from store.tasks import ClassRow
 
 TEMPLATES = Jinja2Templates(directory=Path(__file__).parent / "templates")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -94,7 +96,8 @@ async def versions_page(request: Request, services: ServicesDep, _: SignedIn) ->
         return registry.list(limit=200), active.id if active else None
 
     versions, active_id = await asyncio.to_thread(read)
-    return _page(request, "versions.html", versions=versions, active_id=active_id)
+    rows = version_tree(versions, active_id)
+    return _page(request, "versions.html", rows=rows, active_id=active_id)
 
 
 @router.post("/versions/{version_id}/activate")
@@ -117,12 +120,12 @@ def _lineage(services: ServicesDep, version_id: int) -> list[VersionInfo]:
 async def version_page(
     version_id: VersionId, request: Request, services: ServicesDep, _: SignedIn
 ) -> HTMLResponse:
-    lineage = await asyncio.to_thread(_lineage, services, version_id)
-    version = lineage[-1]
-    active = await asyncio.to_thread(services.store.registry.active)
+    registry = services.store.registry
+    version = await asyncio.to_thread(registry.get, version_id)
+    active = await asyncio.to_thread(registry.active)
     by_task: dict[int | None, list[str]] = defaultdict(list)
-    for ancestor in lineage:
-        by_task[ancestor.metrics.get("task_id")].extend(ancestor.new_classes)
+    for row in await asyncio.to_thread(registry.classes, version_id):
+        by_task[row.task_id].append(row.name)
     evaluations = await asyncio.to_thread(services.store.evaluations.for_version, version_id)
     return _page(
         request,
@@ -196,7 +199,13 @@ async def cancel(job_id: JobId, services: ServicesDep, _: SignedIn) -> Response:
 async def classes_page(
     request: Request, services: ServicesDep, _: SignedIn, q: str = ""
 ) -> HTMLResponse:
-    rows = await asyncio.to_thread(services.store.tasks.learned_classes)
+    registry = services.store.registry
+
+    def read() -> list[ClassRow]:
+        active = registry.active()
+        return registry.classes(active.id) if active else []
+
+    rows = await asyncio.to_thread(read)
     query = q.strip().lower()
     matches = [row for row in rows if query in row.name.lower()] if query else rows
     return _page(request, "classes.html", q=q, rows=matches, total=len(rows))

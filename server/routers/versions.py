@@ -1,14 +1,17 @@
-"""GET /versions, GET /versions/{version_id}, POST /versions/{version_id}/activate."""
+"""GET /versions, GET /versions/{version_id}, POST /versions/{version_id}/activate,
+DELETE /versions/{version_id}."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 
 from server.dependencies import AdminAccess, Limit, Offset, ReadAccess, ServicesDep, VersionId
 from server.errors import responses
-from server.schemas import VersionOut
+from server.schemas import VersionOut, VersionsDeleted
 
 router = APIRouter(prefix="/versions", tags=["versions"])
 
@@ -63,3 +66,25 @@ async def activate_version(
     info = await asyncio.to_thread(services.store.registry.activate, version_id)
     services.holder.wake()
     return VersionOut.of(info, active_id=info.id)
+
+
+@router.delete(
+    "/{version_id}", response_model=VersionsDeleted, responses=responses(401, 403, 404, 409, 422)
+)
+async def delete_version(
+    services: ServicesDep,
+    _: AdminAccess,
+    version_id: VersionId,
+    cascade: Annotated[
+        bool, Query(description="Also delete every version built on it, directly or not.")
+    ] = False,
+) -> VersionsDeleted:
+    """Delete a version that is not active and that no version builds on (or, with
+    `cascade`, its whole subtree); its files no other version shares become garbage and
+    are removed. 409 says why a version cannot go: it (or one of its subtree) is active,
+    versions build on it, or a queued task builds on it. A version that cannot be loaded
+    can always be deleted once another is active."""
+    deleted = await asyncio.to_thread(
+        functools.partial(services.store.registry.delete, version_id, cascade=cascade)
+    )
+    return VersionsDeleted(deleted=deleted)

@@ -222,7 +222,8 @@ def test_low_rank_covariance_keeps_the_diagonal_and_samples_exactly() -> None:
         cov_low
     )
     assert rel < 0.03
-    assert low.nbytes() == 4 * (d + d * r + d) and full.nbytes() == 4 * (d + d * d)
+    # Each also keeps a [d] third moment for exact merges (`merge_class`).
+    assert low.nbytes() == 4 * (d + d * r + d + d) and full.nbytes() == 4 * (d + d * d + d)
 
 
 def test_sample_classes_batched_on_a_device_and_per_class_generators() -> None:
@@ -244,7 +245,7 @@ def test_remove_class_and_nbytes() -> None:
     memory = GaussianMemory()
     for c in range(3):
         memory.add_class(c, _features(12, 6, seed=c))
-    per_class = 4 * (6 + 36)
+    per_class = 4 * (6 + 36 + 6)  # mean, factor, third moment (for merges)
     assert memory.nbytes() == 3 * per_class
     memory.remove_class(1)
     assert memory.class_indices == [0, 2] and 1 not in memory and memory.nbytes() == 2 * per_class
@@ -300,7 +301,7 @@ def test_float32_storage_is_a_quarter_of_the_former_float64() -> None:
     memory = GaussianMemory()
     memory.add_class(0, _features(40, 32, seed=0))
     former_bytes = 8 * (32 + 32 * 32)  # float64 mean and covariance
-    assert memory.nbytes() * 2 == former_bytes
+    assert memory.nbytes() * 2 == former_bytes + 8 * 32  # + the third moment (for merges)
     packed = memory.state_dict()["cholesky_packed"]
     assert packed.shape == (1, 32 * 33 // 2)  # saved: the lower triangle only
 

@@ -44,3 +44,9 @@ def test_demo_walkthrough(tmp_path: Path) -> None:
         "bag",
     }
     assert "/admin" in out and "job 2 succeeded" in out
+    # Extend and remove build on the rolled-back version; the removed class is never answered.
+    assert "version v3 builds on v1" in out
+    known = re.search(r"version v4 knows (\[.*\])", out)
+    assert known is not None and ast.literal_eval(known.group(1)) == ["t-shirt", "trouser"]
+    answered = re.search(r"now predicted as (\[.*\])", out)
+    assert answered is not None and "bag" not in ast.literal_eval(answered.group(1))

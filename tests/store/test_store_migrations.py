@@ -16,8 +16,10 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
-from store.db import alembic_config, make_engine, upgrade_database
+from store.db import Database, alembic_config, make_engine, upgrade_database
 from store.models import Base
+from store.objects import LocalObjectStore
+from store.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = {
@@ -105,3 +107,43 @@ def test_alembic_command_line_reads_the_settings(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert drift(f"sqlite:///{database}") == []
+
+
+def test_0005_fills_in_each_versions_class_list(empty_database: str, tmp_path: Path) -> None:
+    upgrade_database(empty_database, revision="0004")
+    engine = make_engine(empty_database)
+    try:
+        with engine.begin() as connection:
+            for vid, parent in ((1, None), (2, 1), (3, 1)):
+                connection.execute(
+                    text(
+                        "INSERT INTO versions (id, parent_id, created_at, class_count, metrics,"
+                        " state_location, checksum, files) VALUES (:id, :parent,"
+                        " CURRENT_TIMESTAMP, 0, '{}', :loc, 'x', '{}')"
+                    ),
+                    {"id": vid, "parent": parent, "loc": f"versions/{vid}/"},
+                )
+            for cid, name, ordinal, vid in ((1, "cat", 0, 1), (2, "dog", 1, 1), (3, "owl", 0, 2)):
+                connection.execute(
+                    text(
+                        "INSERT INTO classes (id, name, ordinal, version_id)"
+                        " VALUES (:id, :name, :ordinal, :vid)"
+                    ),
+                    {"id": cid, "name": name, "ordinal": ordinal, "vid": vid},
+                )
+    finally:
+        engine.dispose()
+    upgrade_database(empty_database)
+    registry = Registry(Database.from_url(empty_database), LocalObjectStore(tmp_path / "o"))
+    try:
+        assert registry.class_names(2) == ["cat", "dog", "owl"]
+        assert registry.class_names(3) == ["cat", "dog"]
+        assert [(c.name, c.version_id) for c in registry.classes(2)] == [
+            ("cat", 1),
+            ("dog", 1),
+            ("owl", 2),
+        ]
+        assert registry.get(2).change == {"kind": "add", "classes": ["owl"], "renamed": {}}
+        assert registry.get(3).new_classes == ()
+    finally:
+        registry.db.dispose()

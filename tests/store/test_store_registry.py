@@ -12,6 +12,7 @@ from sqlalchemy.orm import SessionTransaction
 
 from store.db import Database
 from store.errors import (
+    ClassNotFoundError,
     DuplicateClassError,
     StaleParentError,
     StateIntegrityError,
@@ -19,7 +20,8 @@ from store.errors import (
     VersionInUseError,
     VersionNotFoundError,
 )
-from store.models import Version
+from store.lineage import ClassChange
+from store.models import TaskKind, Version
 from store.objects import ObjectStore, sha256_bytes, state_checksum
 from store.registry import Registry, VersionInfo
 
@@ -504,3 +506,56 @@ def test_versions_stored_before_content_addressing_still_work(
     assert registry.collect_garbage() == []
     registry.delete(old_id)
     assert blob_keys(registry.objects) == set(new.keys.values())
+
+
+# --- class lifecycle: versions form a tree; names are unique within a lineage ------------
+
+
+def test_changes_build_each_versions_class_list(registry: Registry) -> None:
+    v1 = registry.publish(state_files("1"), parent_id=None, new_classes=["cat", "dog"])
+    extended = ClassChange(TaskKind.EXTEND, ("dog",))
+    v2 = registry.publish(state_files("2"), parent_id=v1.id, change=extended, task_id=None)
+    renamed = ClassChange(TaskKind.RENAME, ("cat",), {"cat": "kitten"})
+    v3 = registry.publish(state_files("3"), parent_id=v2.id, change=renamed)
+    v4 = registry.publish(
+        state_files("4"), parent_id=v3.id, change=ClassChange(TaskKind.REMOVE, ("dog",))
+    )
+    assert registry.class_names(v2.id) == ["cat", "dog"]
+    assert registry.class_names(v3.id) == ["kitten", "dog"]
+    assert registry.class_names(v4.id) == ["kitten"]
+    # A renamed class keeps the version that first learned it.
+    assert [(c.name, c.version_id) for c in registry.classes(v4.id)] == [("kitten", v1.id)]
+    assert registry.get(v3.id).change == {
+        "kind": "rename",
+        "classes": ["cat"],
+        "renamed": {"cat": "kitten"},
+    }
+    assert (v4.class_count, v4.new_classes) == (1, ())
+    # A removed name may come back; on another branch a name is free too.
+    v5 = registry.publish(state_files("5"), parent_id=v4.id, new_classes=["dog"])
+    v6 = registry.publish(state_files("6"), parent_id=v1.id, new_classes=["owl"])
+    other = registry.publish(state_files("7"), parent_id=v5.id, new_classes=["owl"])
+    assert registry.class_names(other.id) == ["kitten", "dog", "owl"]
+    assert registry.class_names(v6.id) == ["cat", "dog", "owl"]
+    with pytest.raises(DuplicateClassError):
+        registry.publish(state_files("8"), parent_id=v6.id, new_classes=["owl"])
+    with pytest.raises(ClassNotFoundError):
+        registry.publish(
+            state_files("9"), parent_id=v6.id, change=ClassChange(TaskKind.REMOVE, ("kitten",))
+        )
+
+
+def test_delete_with_cascade_removes_the_subtree(registry: Registry) -> None:
+    v1 = registry.publish(state_files("1"), parent_id=None, new_classes=["cat"], activate=True)
+    v2 = registry.publish(state_files("2"), parent_id=v1.id, new_classes=["dog"])
+    v3 = registry.publish(state_files("3"), parent_id=v2.id, new_classes=["owl"])
+    v4 = registry.publish(state_files("4"), parent_id=v1.id, new_classes=["emu"])
+    with pytest.raises(VersionInUseError, match="cascade"):
+        registry.delete(v2.id)
+    registry.activate(v3.id)
+    with pytest.raises(VersionInUseError, match=f"version {v3.id} .* active"):
+        registry.delete(v2.id, cascade=True)
+    registry.activate(v4.id)
+    assert registry.delete(v2.id, cascade=True) == [v2.id, v3.id]
+    assert [v.id for v in registry.list()] == [v4.id, v1.id]
+    assert blob_keys(registry.objects) == version_keys(registry)

@@ -47,7 +47,6 @@ def test_queued_and_running_classes_are_taken_until_the_job_ends(jobs: Jobs) -> 
     assert pending == {"cat": first.task.id, "owl": second.task.id}
     jobs.cancel(first.job.id)
     assert jobs.tasks.taken_class_names(["cat", "owl"]) == ([], {"owl": second.task.id})
-    assert jobs.tasks.learned_classes() == []
 
 
 def test_job_counts_and_pending(jobs: Jobs) -> None:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from dmc_core.backbone import load_backbone, save_checkpoint
 from store.jobs import JobInfo, Submission
-from store.models import JobState
+from store.models import JobState, TaskKind
 from store.service import Store
 from store.uploads import UploadedImage
 from tests.core.toy import COLOUR_NAMES, colour_images
@@ -110,9 +110,12 @@ def submit_task(
     activate: bool = True,
     broken: int = 0,
     names: list[str] | None = None,
+    kind: TaskKind = TaskKind.ADD,
+    base_version_id: int | None = None,
 ) -> Submission:
     """Upload a toy task (noisy solid colours; `colours` index tests.core.toy.COLOURS) and
-    record it with its queued job. `broken` images of the first class are not images."""
+    record it with its queued job. `broken` images of the first class are not images;
+    `kind=TaskKind.EXTEND` gives known classes more images."""
     class_names = names or [COLOUR_NAMES[c] for c in colours]
     images, labels = colour_images(colours, per_class, seed)
     uploads = [
@@ -128,6 +131,8 @@ def submit_task(
         image_counts=counts,
         uploads_location=location,
         activate=activate,
+        kind=kind,
+        base_version_id=base_version_id,
     )
 
 

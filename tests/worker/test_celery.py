@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from store.models import JobState
+from store.models import JobState, TaskKind
 from store.service import Store
 from tests.core.toy import COLOUR_NAMES
 from tests.worker.conftest import WorkerProcess
@@ -210,3 +210,36 @@ def test_a_worker_collects_old_orphans_on_its_schedule(
     wait_for(counted, timeout=60, message=logs(worker))
     assert not pg_store.objects.exists(keys["o"]) and not folders["o"].exists()
     assert pg_store.objects.exists(keys["y"]) and folders["y"].is_dir()
+
+
+def test_extend_remove_and_rename_survive_a_killed_worker_exactly_once(
+    pg_store: Store, dispatcher: CeleryDispatcher, start_worker: StartWorker
+) -> None:
+    doomed = start_worker("doomed")
+    first = submit_task(pg_store, [0, 1])
+    dispatcher.submit(first.job.id)
+    [done] = wait_finished(pg_store, [first.job.id], message=logs(doomed))
+    assert done.state is JobState.SUCCEEDED and done.version_id is not None
+
+    extend = submit_task(pg_store, [1], LONG, seed=1, kind=TaskKind.EXTEND)
+    remove = pg_store.jobs.submit(class_names=["red"], image_counts=[], kind=TaskKind.REMOVE)
+    rename = pg_store.jobs.submit(
+        class_names=["green"], image_counts=[], kind=TaskKind.RENAME, arguments={"name": "lime"}
+    )
+    ids = [extend.job.id, remove.job.id, rename.job.id]
+    for job_id in ids:
+        dispatcher.submit(job_id)
+    wait_running(pg_store, extend.job.id)
+    doomed.kill()
+
+    replacement = start_worker("replacement")
+    jobs = wait_finished(pg_store, ids, message=logs(doomed, replacement))
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [j.error for j in jobs]
+    assert jobs[0].attempts == 2
+    # One version per job, each on the previous one: nothing applied twice or lost.
+    versions = pg_store.registry.list()
+    assert [v.id for v in versions] == [j.version_id for j in reversed(jobs)] + [done.version_id]
+    assert [v.parent_id for v in versions[:3]] == [v.id for v in versions[1:]]
+    assert pg_store.registry.class_names(versions[0].id) == ["lime"]
+    assert [v.change["kind"] for v in versions[:3]] == ["rename", "remove", "extend"]
+    assert versions[2].metrics["images_per_class"] == {"green": LONG}

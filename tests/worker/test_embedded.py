@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from dmc_core.state import load_state
-from store.models import JobState
+from store.errors import ClassNotFoundError, VersionNotFoundError
+from store.jobs import Submission
+from store.models import JobState, TaskKind
 from store.service import Store
 from tests.core.toy import COLOUR_NAMES
 from tests.worker.helpers import (
@@ -231,3 +233,82 @@ def test_a_job_that_was_never_announced_is_found_by_the_sweep(
         assert dispatcher.running
     assert done.state is JobState.SUCCEEDED
     assert done.finished_at is not None and done.finished_at <= datetime.now(UTC)
+
+
+# --- class lifecycle: updates build on the active version; extend, remove, rename ---------
+
+
+def _run(store: Store, dispatcher: EmbeddedDispatcher, *submissions: Submission) -> list[int]:
+    ids = [s.job.id for s in submissions]
+    for job_id in ids:
+        dispatcher.submit(job_id)
+    jobs = wait_finished(store, ids)
+    assert all(j.state is JobState.SUCCEEDED for j in jobs), [j.error for j in jobs]
+    return [j.version_id for j in jobs if j.version_id is not None]
+
+
+def test_after_a_rollback_the_next_update_builds_on_the_active_version(
+    store: Store, dispatcher: EmbeddedDispatcher
+) -> None:
+    [v1] = _run(store, dispatcher, submit_task(store, [0, 1]))
+    [v2] = _run(store, dispatcher, submit_task(store, [2, 3], seed=1))
+    store.registry.activate(v1)  # roll back: blue and yellow live only on v2's branch
+    # Names are unique within the lineage: blue may be learned again on v1's.
+    [v3] = _run(store, dispatcher, submit_task(store, [2], seed=2))
+    assert store.registry.get(v3).parent_id == v1
+    assert store.registry.class_names(v3) == ["red", "green", "blue"]
+    # An explicit base version: built on v2 although v3 is active.
+    [v4] = _run(store, dispatcher, submit_task(store, [4], seed=3, base_version_id=v2))
+    assert store.registry.get(v4).parent_id == v2
+    assert store.registry.class_names(v4) == [*COLOUR_NAMES[:4], "magenta"]
+
+
+def test_extend_remove_and_rename_each_make_a_version(
+    store: Store, dispatcher: EmbeddedDispatcher, settings: WorkerSettings
+) -> None:
+    [v1] = _run(store, dispatcher, submit_task(store, [0, 1]))
+    extend = submit_task(store, [1], seed=4, kind=TaskKind.EXTEND)
+    [v2] = _run(store, dispatcher, extend)
+    remove = store.jobs.submit(
+        class_names=["red"], image_counts=[], kind=TaskKind.REMOVE, refuse_taken_classes=True
+    )
+    [v3] = _run(store, dispatcher, remove)
+    rename = store.jobs.submit(
+        class_names=["green"],
+        image_counts=[],
+        kind=TaskKind.RENAME,
+        arguments={"name": "lime"},
+        refuse_taken_classes=True,
+    )
+    [v4] = _run(store, dispatcher, rename)
+    readd = submit_task(store, [0], seed=5)  # red again, after its removal
+    [v5] = _run(store, dispatcher, readd)
+
+    versions = {v: store.registry.get(v) for v in (v2, v3, v4, v5)}
+    assert [versions[v].parent_id for v in (v2, v3, v4, v5)] == [v1, v2, v3, v4]
+    assert versions[v2].change["kind"] == "extend"
+    assert versions[v2].metrics["images_per_class"] == {"green": 6}
+    assert versions[v2].metrics["task_kind"] == "extend"
+    assert store.registry.class_names(v3) == ["green"]
+    assert store.registry.class_names(v4) == ["lime"]
+    assert store.registry.class_names(v5) == ["lime", "red"]
+    assert store.registry.active() == versions[v5]
+
+    folder = store.registry.load_state(v5)
+    learner = load_state(folder, cache_dir=settings.model_cache_dir)
+    shutil.rmtree(folder)
+    assert learner.class_names == ["lime", "red"]
+    assert learner.memory.count(0) == 12  # green's 6 images, then 6 more
+
+
+def test_class_changes_are_checked_against_the_version_they_build_on(store: Store) -> None:
+    with pytest.raises(ClassNotFoundError):
+        store.jobs.submit(
+            class_names=["red"], image_counts=[], kind=TaskKind.REMOVE, refuse_taken_classes=True
+        )
+    with pytest.raises(ValueError, match="no images"):
+        store.jobs.submit(class_names=["red"], image_counts=[3], kind=TaskKind.REMOVE)
+    with pytest.raises(VersionNotFoundError):
+        store.jobs.submit(
+            class_names=["red"], image_counts=[3], base_version_id=99, refuse_taken_classes=True
+        )

@@ -132,10 +132,48 @@ def test_sign_in_versions_and_rollback(browser: Browser, live: LiveServer) -> No
     assert page.request.get(f"{live.url}/admin/versions/3/accuracy.png").ok
     _shot(page, "version-detail")
 
-    page.goto(f"{live.url}/admin/classes?q=ye")
+    # The classes page lists the active version's classes: v1's after the rollback.
+    page.goto(f"{live.url}/admin/classes?q=gr")
     expect(page.locator("#classes tbody tr")).to_have_count(1)
-    expect(page.locator("#classes")).to_contain_text("yellow")
+    expect(page.locator("#classes")).to_contain_text("green")
     _shot(page, "classes")
+    page.close()
+
+
+def test_the_version_tree_shows_the_active_branch_and_each_change(
+    browser: Browser, live: LiveServer
+) -> None:
+    # v1 -> v2 -> v3; roll back to v1, then a removal and a rename build on it: v4, v5.
+    api = live.api
+    assert api.post("/versions/1/activate").status_code == 200
+    removal = api.delete("/classes/red").json()
+    assert live.wait_job(int(removal["job_id"]), ("succeeded",))["version_id"] == 4
+    rename = api.patch("/classes/green", json={"name": "lime"}).json()
+    assert live.wait_job(int(rename["job_id"]), ("succeeded",))["version_id"] == 5
+
+    page = browser.new_page()
+    _sign_in(page, live)
+    rows = page.locator("#versions tbody tr")
+    expect(rows).to_have_count(5)
+    # Depth-first: v1, its abandoned branch v2 -> v3, then the active branch v4 -> v5.
+    order = [rows.nth(i).get_attribute("data-version") for i in range(5)]
+    assert order == ["1", "2", "4", "3", "5"] or order == ["1", "2", "3", "4", "5"]
+    depths = {
+        rows.nth(i).get_attribute("data-version"): rows.nth(i).get_attribute("data-depth")
+        for i in range(5)
+    }
+    assert depths == {"1": "0", "2": "1", "3": "2", "4": "1", "5": "2"}
+    branch = page.locator("#versions tbody tr[data-active-branch]")
+    expect(branch).to_have_count(3)
+    assert {branch.nth(i).get_attribute("data-version") for i in range(3)} == {"1", "4", "5"}
+    expect(page.locator("tr[data-version='5'] [data-active]")).to_be_visible()
+    expect(page.locator("tr[data-version='4'] [data-change]")).to_have_text("removed red")
+    expect(page.locator("tr[data-version='5'] [data-change]")).to_have_text("renamed green to lime")
+    expect(page.locator("tr[data-version='2'] [data-change]")).to_have_text("added blue, yellow")
+    _shot(page, "version-tree")
+    page.click("a[href='/admin/versions/5']")
+    expect(page.locator("#classes-by-task")).to_contain_text("lime")
+    expect(page.locator("#classes-by-task")).not_to_contain_text("red")
     page.close()
 
 
