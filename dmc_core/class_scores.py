@@ -13,9 +13,15 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from dmc_core.memory import GaussianMemory
+from dmc_core.memory import GaussianMemory, fecam_shrink
 
-__all__ = ["MemoryScorer", "cosine_scores", "mahalanobis_scores", "precision_matrices"]
+__all__ = [
+    "MemoryScorer",
+    "cosine_scores",
+    "fecam_precisions",
+    "mahalanobis_scores",
+    "precision_matrices",
+]
 
 ScoreKind = Literal["cosine", "mahalanobis"]
 
@@ -30,6 +36,14 @@ def precision_matrices(covariances: torch.Tensor) -> torch.Tensor:
     """Inverses [C, d, d] of symmetric covariances [C, d, d] (pseudo-inverse: a singular
     covariance scores its null space as zero distance instead of failing)."""
     return torch.linalg.pinv(covariances.double(), hermitian=True)
+
+
+def fecam_precisions(covariances: torch.Tensor, alpha1: float, alpha2: float) -> torch.Tensor:
+    """FeCAM's (Goswami et al. 2023) matrices [C, d, d]: each covariance shrunk with
+    `fecam_shrink`, normalised to a correlation matrix, inverted."""
+    shrunk = torch.stack([fecam_shrink(c, alpha1, alpha2) for c in covariances.double()])
+    std = torch.diagonal(shrunk, dim1=-2, dim2=-1).sqrt()
+    return precision_matrices(shrunk / (std[:, :, None] * std[:, None, :]))
 
 
 def mahalanobis_scores(
