@@ -109,8 +109,9 @@ class InferenceConfig:
 
     # 0 scores with the text prototypes only (METHOD.md); choose a weight on validation.
     memory_weight: float = 0.0
-    # "cosine": s * cos(f(x), class mean); "mahalanobis": -d^2/2 with the class covariance.
-    memory_score: Literal["cosine", "mahalanobis"] = "cosine"
+    # "cosine": s * cos(f(x), class mean); "mahalanobis": -d^2/2 with the class covariance;
+    # "fecam": FeCAM's score from the memory (dmc_core.class_scores, alphas from `memory`).
+    memory_score: Literal["cosine", "mahalanobis", "fecam"] = "cosine"
 
 
 @dataclass
@@ -186,9 +187,9 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if isinstance(config, InferenceConfig):
         if config.memory_weight < 0:
             raise ValueError(f"inference.memory_weight must be >= 0, got {config.memory_weight}")
-        if config.memory_score not in ("cosine", "mahalanobis"):
+        if config.memory_score not in ("cosine", "mahalanobis", "fecam"):
             raise ValueError(
-                f"inference.memory_score must be 'cosine' or 'mahalanobis', "
+                f"inference.memory_score must be 'cosine', 'mahalanobis' or 'fecam', "
                 f"got {config.memory_score!r}"
             )
     return config

@@ -217,6 +217,7 @@ class Learner:
                 kind,
                 self.logit_scale,
                 self.device,
+                (self.config.memory.shrink_alpha1, self.config.memory.shrink_alpha2),
             )
         return self._memory_scorer  # type: ignore[return-value]
 
