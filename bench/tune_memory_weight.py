@@ -37,6 +37,13 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--method", default="dmc_ot")
     parser.add_argument("--seed", type=int, default=1993)
+    parser.add_argument(
+        "--fecam-alphas",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="memory.shrink_alpha1 = shrink_alpha2 values tried with the fecam score",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = ExperimentConfig.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
@@ -58,14 +65,18 @@ def main() -> None:
             labels.append(np.full(len(images), position))
     x, y = torch.cat(features), torch.as_tensor(np.concatenate(labels))
     print(f"{args.run} {args.method} seed {args.seed}: validation Last (%) by memory weight")
-    for kind, weights in WEIGHTS.items():
+    settings = [("cosine", 1.0), ("mahalanobis", 1.0)]
+    settings += [("fecam", alpha) for alpha in args.fecam_alphas]
+    for kind, alpha in settings:
         learner.config.inference.memory_score = kind  # type: ignore[assignment]
+        learner.config.memory.shrink_alpha1 = learner.config.memory.shrink_alpha2 = alpha
         cells = []
-        for weight in weights:
+        for weight in WEIGHTS[kind]:
             learner.config.inference.memory_weight = weight
             accuracy = float((learner.feature_logits(x).argmax(1).cpu() == y).float().mean())
             cells.append(f"w={weight:g}: {100 * accuracy:.1f}")
-        print(f"  {kind:<12}" + "  ".join(cells))
+        label = f"{kind} a={alpha:g}" if kind == "fecam" else kind
+        print(f"  {label:<14}" + "  ".join(cells))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ class MemoryScorer:
             raise ValueError(f"the memory holds no statistics of classes {missing}")
         if kind not in SCORE_KINDS:
             raise ValueError(f"memory score must be one of {SCORE_KINDS}, got {kind!r}")
-        self.memory, self.kind, self.scale = memory, kind, scale
+        self.memory, self.kind, self.scale, self.shrink = memory, kind, scale, shrink
         means = torch.stack([memory.mean(c) for c in range(n_classes)])
         self.means = (F.normalize(means, dim=-1) if kind == "fecam" else means).to(device)
         self.precisions: torch.Tensor | None = None

@@ -256,6 +256,9 @@ def test_memory_fused_inference_rescues_a_weak_text_side(
         accuracy[score] = _accuracy(learner, classes, 0)
     assert text_only <= 0.5
     assert min(accuracy.values()) >= 0.9, accuracy
+    # The cached scorer follows the settings it depends on.
+    learner.config.memory.shrink_alpha1 = 0.5
+    assert learner.memory_scorer().shrink == (0.5, learner.config.memory.shrink_alpha2)
     learner.config.inference.memory_weight = 0.0
     assert _accuracy(learner, classes, 0) == text_only
 
