@@ -4,6 +4,7 @@ tabulated with the best trial of each method marked."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,21 +14,31 @@ from dmc_core.experiment.tuning import TuningGrid, collect_trials, run_trials, t
 from tests.core.test_experiment import FAST_LEARNER
 
 
-def test_trials_run_on_validation_resume_and_tabulate(tmp_path: Path) -> None:
-    config = tmp_path / "exp.yaml"
+def _experiment(path: Path, **overrides: Any) -> Path:
+    """A tiny Fashion-MNIST experiment (random tiny model, two tasks) written to `path`."""
     experiment = {
         "name": "tune",
         "dataset": {"name": "fashion_mnist", "train_per_class": 4, "test_per_class": 3},
         "backbone": {"name": "dmc-tiny-vit", "pretrained": None},
         "protocol": "B0-Inc5",
-        "seeds": [1, 2],
-        "methods": ["zeroshot", "finetune"],
+        "seeds": [1],
+        "methods": ["joint"],
         "learner": FAST_LEARNER,
-        "method_overrides": {"finetune": {"stage2": {"epochs": 1}}},
         "evaluation": {"feature_cache": None},
         "threads": 1,
+        **overrides,
     }
-    config.write_text(yaml.safe_dump(experiment))
+    path.write_text(yaml.safe_dump(experiment))
+    return path
+
+
+def test_trials_run_on_validation_resume_and_tabulate(tmp_path: Path) -> None:
+    config = _experiment(
+        tmp_path / "exp.yaml",
+        seeds=[1, 2],
+        methods=["zeroshot", "finetune"],
+        method_overrides={"finetune": {"stage2": {"epochs": 1}}},
+    )
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(
         yaml.safe_dump(
@@ -93,19 +104,7 @@ def test_joint_last_is_its_last_task_alone(tmp_path: Path) -> None:
     from dmc_core.experiment.config import load_experiment_config
     from dmc_core.experiment.runner import run_experiment
 
-    config = tmp_path / "exp.yaml"
-    experiment = {
-        "name": "joint",
-        "dataset": {"name": "fashion_mnist", "train_per_class": 3, "test_per_class": 2},
-        "backbone": {"name": "dmc-tiny-vit", "pretrained": None},
-        "protocol": "B0-Inc5",
-        "seeds": [1],
-        "methods": ["joint"],
-        "learner": FAST_LEARNER,
-        "evaluation": {"feature_cache": None},
-        "threads": 1,
-    }
-    config.write_text(yaml.safe_dump(experiment))
+    config = _experiment(tmp_path / "exp.yaml")
     lasts = []
     for protocol in ("B0-Inc5", "B0-Inc10"):
         loaded = load_experiment_config(config, [f"protocol={protocol}"])
