@@ -21,8 +21,8 @@ alone: one task of all classes, the same images, order and seeds, at a third of 
 Every trial is one run of the experiment (that method, that seed, evaluated on images held
 out of train) in its own folder `OUT/<method>/trial<i>`, which a later call resumes; its
 learner states are kept (`keep_states`) for inference-only tuning such as
-`bench/tune_memory_weight.py`. The table gives each trial's validation Last and Avg and
-marks the best trial of each method by Last.
+`bench/tune_memory_weight.py`. The table gives each trial's validation Last and Avg and,
+once all of a method's trials have run, marks its best by Last.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def run_trials(
 
 
 def collect_trials(grid: TuningGrid, out: Path) -> dict[str, list[dict[str, Any]]]:
-    """Per method, per trial: its settings and (once finished) validation Last / Avg in %."""
+    """Per method, per trial: its settings, validation Last / Avg in % once finished, and
+    `best` on the trial with the highest Last once every trial of the method finished."""
     collected: dict[str, list[dict[str, Any]]] = {}
     for method in grid.methods:
         rows = []
@@ -122,10 +123,8 @@ def collect_trials(grid: TuningGrid, out: Path) -> dict[str, list[dict[str, Any]
                     row.update(last=metrics["last"], avg=metrics["avg"])
                     row["train_seconds"] = runs[0]["seconds"]["total"]
             rows.append(row)
-        finished = [r for r in rows if r["last"] is not None]
-        if finished:
-            best = max(finished, key=lambda r: r["last"])
-            best["best"] = True
+        if rows and all(r["last"] is not None for r in rows):  # chosen once all have run
+            max(rows, key=lambda r: r["last"])["best"] = True
         collected[method] = rows
     return collected
 

@@ -3,6 +3,7 @@ tabulated with the best trial of each method marked."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ def test_trials_run_on_validation_resume_and_tabulate(tmp_path: Path) -> None:
 
     missing = tuning_table(collect_trials(grid, tmp_path / "nothing"))
     assert "| finetune | 0 of 2 |" in missing and "not run" in missing
+    shutil.rmtree(out / "finetune" / "trial1")
+    half = collect_trials(grid, out)["finetune"]
+    assert half[0]["last"] is not None and not any(r.get("best") for r in half)
 
 
 def test_grid_errors(tmp_path: Path) -> None:
