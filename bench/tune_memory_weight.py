@@ -4,7 +4,11 @@ Loads the final learner state of a finished validation run (`keep_states: true`,
 `evaluation.split: validation`) and prints Last (validation accuracy over all classes)
 for text-only scoring and for text + w * memory scores, per score kind and weight:
 
-    python bench/tune_memory_weight.py runs/tune/A --method dmc_ot --seed 1993
+    python bench/tune_memory_weight.py runs/tune/dmc_ot/trial0 --method dmc_ot --seed 1993
+
+(`runs/tune/dmc_ot/trial<i>`: a trial of bench/tune.py.) The weights of each score kind
+span its scale: FeCAM's scores of L2-normalised features are ~100x smaller than cosine
+logits.
 """
 
 from __future__ import annotations
@@ -21,8 +25,11 @@ from dmc_core.experiment.config import ExperimentConfig
 from dmc_core.experiment.runner import ExperimentRunner, make_plan
 from dmc_core.state import load_state
 
-WEIGHTS = [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0]
-MAHALANOBIS_WEIGHTS = [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3]
+WEIGHTS = {
+    "cosine": [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+    "mahalanobis": [0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
+    "fecam": [0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0],
+}
 
 
 def main() -> None:
@@ -30,6 +37,13 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--method", default="dmc_ot")
     parser.add_argument("--seed", type=int, default=1993)
+    parser.add_argument(
+        "--fecam-alphas",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="memory.shrink_alpha1 = shrink_alpha2 values tried with the fecam score",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = ExperimentConfig.from_dict(yaml.safe_load((args.run / "config.yaml").read_text()))
@@ -51,14 +65,18 @@ def main() -> None:
             labels.append(np.full(len(images), position))
     x, y = torch.cat(features), torch.as_tensor(np.concatenate(labels))
     print(f"{args.run} {args.method} seed {args.seed}: validation Last (%) by memory weight")
-    for kind, weights in (("cosine", WEIGHTS), ("mahalanobis", MAHALANOBIS_WEIGHTS)):
+    settings = [("cosine", 1.0), ("mahalanobis", 1.0)]
+    settings += [("fecam", alpha) for alpha in args.fecam_alphas]
+    for kind, alpha in settings:
         learner.config.inference.memory_score = kind  # type: ignore[assignment]
+        learner.config.memory.shrink_alpha1 = learner.config.memory.shrink_alpha2 = alpha
         cells = []
-        for weight in weights:
+        for weight in WEIGHTS[kind]:
             learner.config.inference.memory_weight = weight
             accuracy = float((learner.feature_logits(x).argmax(1).cpu() == y).float().mean())
             cells.append(f"w={weight:g}: {100 * accuracy:.1f}")
-        print(f"  {kind:<12}" + "  ".join(cells))
+        label = f"{kind} a={alpha:g}" if kind == "fecam" else kind
+        print(f"  {label:<14}" + "  ".join(cells))
 
 
 if __name__ == "__main__":

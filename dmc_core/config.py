@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, get_type_hints
 
+from dmc_core.class_scores import SCORE_KINDS, ScoreKind
 from dmc_core.memory import MemoryConfig
 
 DmcVariant = Literal["dmc", "dmc_ot"]
@@ -109,8 +110,9 @@ class InferenceConfig:
 
     # 0 scores with the text prototypes only (METHOD.md); choose a weight on validation.
     memory_weight: float = 0.0
-    # "cosine": s * cos(f(x), class mean); "mahalanobis": -d^2/2 with the class covariance.
-    memory_score: Literal["cosine", "mahalanobis"] = "cosine"
+    # "cosine": s * cos(f(x), class mean); "mahalanobis": -d^2/2 with the class covariance;
+    # "fecam": FeCAM's score from the memory (dmc_core.class_scores, alphas from `memory`).
+    memory_score: ScoreKind = "cosine"
 
 
 @dataclass
@@ -192,9 +194,8 @@ def _from_dict(cls: type[T], data: dict[str, Any]) -> T:
     if isinstance(config, InferenceConfig):
         if config.memory_weight < 0:
             raise ValueError(f"inference.memory_weight must be >= 0, got {config.memory_weight}")
-        if config.memory_score not in ("cosine", "mahalanobis"):
+        if config.memory_score not in SCORE_KINDS:
             raise ValueError(
-                f"inference.memory_score must be 'cosine' or 'mahalanobis', "
-                f"got {config.memory_score!r}"
+                f"inference.memory_score must be one of {SCORE_KINDS}, got {config.memory_score!r}"
             )
     return config

@@ -209,19 +209,16 @@ class Learner:
     def memory_scorer(self) -> MemoryScorer:
         """Scores from the Gaussian memory, cached until the memory changes."""
         kind = self.config.inference.memory_score
+        shrink = (self.config.memory.shrink_alpha1, self.config.memory.shrink_alpha2)
         scorer = self._memory_scorer
         if (
             scorer is None
             or scorer.memory is not self.memory
-            or scorer.kind != kind
+            or (scorer.kind, scorer.shrink) != (kind, shrink)
             or len(scorer.means) != len(self.class_names)
         ):
             self._memory_scorer = MemoryScorer(
-                self.memory,
-                len(self.class_names),
-                kind,
-                self.logit_scale,
-                self.device,
+                self.memory, len(self.class_names), kind, self.logit_scale, self.device, shrink
             )
         return self._memory_scorer  # type: ignore[return-value]
 

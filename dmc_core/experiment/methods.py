@@ -50,12 +50,11 @@ from torch.nn.utils import parametrize
 
 from dmc_core.adapters import adapter_state_dict
 from dmc_core.backbone import Backbone
-from dmc_core.class_scores import cosine_scores, mahalanobis_scores, precision_matrices
+from dmc_core.class_scores import cosine_scores, fecam_precisions, mahalanobis_scores
 from dmc_core.config import LearnerConfig
 from dmc_core.data.images import ConcatImages, Images
 from dmc_core.experiment.features import tensor_hash
 from dmc_core.learner import Learner, ProgressCallback, TaskReport
-from dmc_core.memory import fecam_shrink
 from dmc_core.pixels import image_batches, loader_workers, to_device
 from dmc_core.state import load_state, save_state
 
@@ -390,9 +389,8 @@ class FeCAM(ClassStatistics):
         x = F.normalize(features.double(), dim=-1)
         self.means.append(x.mean(dim=0))
         memory = self.config.memory
-        cov = fecam_shrink(torch.cov(x.T), memory.shrink_alpha1, memory.shrink_alpha2)
-        std = torch.diagonal(cov).sqrt()
-        self.precisions.append(precision_matrices((cov / torch.outer(std, std))[None])[0])
+        cov = torch.cov(x.T)[None]
+        self.precisions.append(fecam_precisions(cov, memory.shrink_alpha1, memory.shrink_alpha2)[0])
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         x = F.normalize(features.double(), dim=-1)

@@ -322,3 +322,23 @@ def test_low_rank_refit_keeps_the_spectrum() -> None:
     assert torch.linalg.matrix_norm(last - first) < 0.1 * torch.linalg.matrix_norm(first)
     median = torch.linalg.eigvalsh(first).median()
     assert torch.linalg.eigvalsh(last).median() == pytest.approx(float(median), rel=0.05)
+
+
+def test_fecam_memory_score_ignores_the_feature_scale_and_separates_classes() -> None:
+    from dmc_core.class_scores import MemoryScorer
+
+    generator = torch.Generator().manual_seed(0)
+    centres = 3.0 * torch.randn(3, 8, generator=generator)
+    features = torch.cat([c + torch.randn(40, 8, generator=generator) for c in centres])
+    labels = torch.arange(3).repeat_interleave(40)
+    scores = {}
+    for factor in (1.0, 5.0):
+        memory = GaussianMemory(MemoryConfig(shrinkage="none", eps=0.0))
+        for c in range(3):
+            memory.add_class(c, factor * features[labels == c])
+        scorer = MemoryScorer(memory, 3, "fecam", 30.0, torch.device("cpu"))
+        scores[factor] = scorer(factor * features)
+    torch.testing.assert_close(scores[1.0], scores[5.0])
+    assert (scores[1.0].argmax(1) == labels).float().mean() >= 0.95
+    with pytest.raises(ValueError, match="memory score must be one of"):
+        MemoryScorer(memory, 3, "euclid", 30.0, torch.device("cpu"))  # type: ignore[arg-type]
