@@ -1,5 +1,6 @@
 """A typed Python client of the dmc service (httpx): add classes and follow their jobs,
-predict, list and activate versions, and manage evaluation sets.
+extend, remove and rename classes, predict, list, activate and delete versions, and manage
+evaluation sets.
 
     from dmc_client import Client
 
@@ -23,6 +24,7 @@ from dmc_client.errors import (
     ServiceUnavailableError,
 )
 from dmc_client.models import (
+    ClassInfo,
     Evaluation,
     EvaluationSet,
     ImagePrediction,
@@ -30,11 +32,13 @@ from dmc_client.models import (
     Predictions,
     Submission,
     Version,
+    VersionsDeleted,
 )
 
 __all__ = [
     "ApiError",
     "AuthenticationError",
+    "ClassInfo",
     "Client",
     "ConflictError",
     "ConnectionFailedError",
@@ -52,4 +56,5 @@ __all__ = [
     "ServiceUnavailableError",
     "Submission",
     "Version",
+    "VersionsDeleted",
 ]

@@ -22,6 +22,7 @@ from dmc_client.errors import (
     api_error,
 )
 from dmc_client.models import (
+    ClassInfo,
     EvaluationSet,
     Job,
     Predictions,
@@ -196,6 +197,10 @@ class Client:
             reason = job.error or "cancelled"
             raise JobFailedError(job, f"job {job.id} {job.state}: {reason}")
         return job
+
+    def classes(self) -> list[ClassInfo]:
+        """The active version's classes, in label order."""
+        return self._call(list[ClassInfo], "GET", "/classes")
 
     def job(self, job_id: int) -> Job:
         return self._call(Job, "GET", f"/jobs/{job_id}")

@@ -114,3 +114,9 @@ class Predictions(_Model):
 
 class VersionsDeleted(_Model):
     deleted: list[int]
+
+
+class ClassInfo(_Model):
+    name: str
+    version_id: int
+    task_id: int | None

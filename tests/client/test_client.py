@@ -81,6 +81,19 @@ def test_the_client_against_a_running_server(
             dmc.activate(9)
         with pytest.raises(FileNotFoundError):
             dmc.add_classes(tmp_path / "missing")
+
+        # The lifecycle calls build on the active version (v1 after the rollback above).
+        extended = dmc.extend_class("red", images, progress=False)
+        assert dmc.version(extended.version_id or 0).parent_id == 1
+        renamed = dmc.rename_class("green", "lime")
+        assert sorted(c.name for c in dmc.classes()) == ["lime", "red"]
+        removed = dmc.remove_class("red")
+        assert [c.name for c in dmc.classes()] == ["lime"]
+        assert dmc.version(removed.version_id or 0).change["kind"] == "remove"
+        assert renamed.version_id == extended.version_id + 1  # type: ignore[operator]
+        assert dmc.delete_version(2) == [2]
+        with pytest.raises(NotFoundError):
+            dmc.remove_class("red")
     with Client(url, "not-a-key") as stranger, pytest.raises(AuthenticationError, match="valid"):
         stranger.versions()
     with Client(f"http://127.0.0.1:{free_port()}") as nowhere, pytest.raises(ConnectionFailedError):
