@@ -6,8 +6,12 @@ PYTHON := $(VENV)/bin/python
 SYSTEM_PYTHON ?= python3
 # Reinstall the Python packages only when pyproject.toml changes.
 INSTALLED := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
-# npm fetches the emoji dataset's packages; libcairo2 renders its SVGs (cairosvg).
-APT_PACKAGES := dataset-fashion-mnist chromium npm libcairo2
+# libcairo2 renders the emoji dataset's SVGs (cairosvg).
+APT_PACKAGES := dataset-fashion-mnist chromium libcairo2
+# Commands installed from the Debian package of that name only where none is on PATH:
+# npm fetches the emoji dataset's packages, and NodeSource's nodejs ships its own npm,
+# which conflicts with Debian's.
+APT_COMMANDS := npm
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The offline stand-in model is built once per checkout into this folder.
 export DMC_TEST_CACHE ?= $(CURDIR)/.cache/test-models
@@ -34,6 +38,7 @@ $(INSTALLED): pyproject.toml | $(PYTHON)
 
 system-packages:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
