@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -267,13 +267,8 @@ class Learner:
         """
         class_names = list(class_names)
         self._validate_task(images, labels, class_names)
-        saved = self._snapshot()
-        try:
-            with deterministic_algorithms(self.config.deterministic):
-                return self._learn_task(images, labels, class_names, progress)
-        except BaseException:
-            self._restore_snapshot(saved)
-            raise
+        with self._all_or_nothing():
+            return self._learn_task(images, labels, class_names, progress)
 
     def extend_classes(
         self,
@@ -295,12 +290,8 @@ class Learner:
         unknown = [n for n in class_names if n not in self.class_names]
         if unknown:
             raise TaskError(f"classes not learned, so they cannot be extended: {unknown}")
-        saved = self._snapshot()
-        try:
+        with self._all_or_nothing():
             return self._extend_classes(images, labels, class_names, progress)
-        except BaseException:
-            self._restore_snapshot(saved)
-            raise
 
     def _extend_classes(
         self,
@@ -437,6 +428,18 @@ class Learner:
                 "this learner cannot change: it was merged or loaded for inference only; "
                 "load the full state (part='full')"
             )
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """A task's body: in the configured determinism mode, and on any failure (or
+        interruption) the learner is restored to what it was before."""
+        saved = self._snapshot()
+        try:
+            with deterministic_algorithms(self.config.deterministic):
+                yield
+        except BaseException:
+            self._restore_snapshot(saved)
+            raise
 
     def _snapshot(self) -> dict[str, Any]:
         return {
