@@ -26,6 +26,8 @@ __all__ = [
 
 ScoreKind = Literal["cosine", "mahalanobis", "fecam"]
 SCORE_KINDS: tuple[ScoreKind, ...] = ("cosine", "mahalanobis", "fecam")
+# The most bytes a Mahalanobis score holds at once (its differences and their products).
+SCORE_BLOCK_BYTES = 64 * 2**20
 
 
 def cosine_scores(features: torch.Tensor, means: torch.Tensor, scale: float) -> torch.Tensor:
@@ -49,12 +51,25 @@ def fecam_precisions(covariances: torch.Tensor, alpha1: float, alpha2: float) ->
 
 
 def mahalanobis_scores(
-    features: torch.Tensor, means: torch.Tensor, precisions: torch.Tensor
+    features: torch.Tensor,
+    means: torch.Tensor,
+    precisions: torch.Tensor,
+    block_bytes: int = SCORE_BLOCK_BYTES,
 ) -> torch.Tensor:
-    """-d^2 / 2 with d^2 = (x - mean_c)^T P_c (x - mean_c): [n, C]."""
-    diff = features.double()[:, None, :] - means.double()[None]
-    squared = torch.einsum("ncd,cde,nce->nc", diff, precisions, diff)
-    return (-0.5 * squared).float()
+    """-d^2 / 2 with d^2 = (x - mean_c)^T P_c (x - mean_c): [n, C].
+
+    Computed a block of classes at a time (one batched matrix product per block, float64):
+    the differences of n features to C means take n * C * d numbers, 2 GiB at 849
+    classes, which would otherwise be held at once."""
+    x = features.double()
+    n, d = x.shape
+    block = max(1, block_bytes // max(2 * n * d * x.element_size(), 1))
+    columns = []
+    for start in range(0, len(means), block):
+        diff = x[None] - means[start : start + block, None, :].double()
+        weighted = torch.matmul(diff, precisions[start : start + block].double())
+        columns.append((weighted * diff).sum(dim=-1).T)
+    return (-0.5 * torch.cat(columns, dim=1)).float()
 
 
 class MemoryScorer:

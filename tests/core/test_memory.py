@@ -342,3 +342,19 @@ def test_fecam_memory_score_ignores_the_feature_scale_and_separates_classes() ->
     assert (scores[1.0].argmax(1) == labels).float().mean() >= 0.95
     with pytest.raises(ValueError, match="memory score must be one of"):
         MemoryScorer(memory, 3, "euclid", 30.0, torch.device("cpu"))  # type: ignore[arg-type]
+
+
+def test_mahalanobis_scores_in_class_blocks_equal_the_direct_formula() -> None:
+    from dmc_core.class_scores import mahalanobis_scores
+
+    g = torch.Generator().manual_seed(0)
+    x, means = torch.randn(7, 5, generator=g), torch.randn(11, 5, generator=g)
+    roots = torch.randn(11, 5, 5, generator=g, dtype=torch.float64)
+    precisions = roots @ roots.transpose(1, 2)
+    diff = x.double()[:, None, :] - means.double()[None]
+    direct = -0.5 * torch.einsum("ncd,cde,nce->nc", diff, precisions, diff)
+    one_class_per_block = mahalanobis_scores(x, means, precisions, block_bytes=1)
+    three_per_block = mahalanobis_scores(x, means, precisions, block_bytes=3 * 2 * 7 * 5 * 8)
+    for scores in (one_class_per_block, three_per_block, mahalanobis_scores(x, means, precisions)):
+        assert scores.shape == (7, 11)
+        torch.testing.assert_close(scores.double(), direct.float().double())
