@@ -97,18 +97,20 @@ class Evaluator:
             method, encoder, split, plan.eval_split, classes, plan.eval_index, f"{prefix} evaluate"
         )
         n_seen = len(classes)
-        correct = []
-        for task in plan.tasks[: t + 1]:
-            right = 0
-            for c in task:
-                scores = method.logits(features[c])
-                if scores.shape[1] != n_seen:
-                    raise RuntimeError(
-                        f"{method.name} scores {scores.shape[1]} classes, {n_seen} are seen"
-                    )
-                right += int((scores.argmax(dim=1) == plan.positions[c]).sum())
-            correct.append(right)
-        return correct
+        # Scored in batches across classes: a method's scoring has a cost per call (FeCAM
+        # reads every class's matrix), and a class may have one evaluation image.
+        stacked = torch.cat([features[c] for c in classes])
+        labels = torch.cat([torch.full((len(features[c]),), plan.positions[c]) for c in classes])
+        hits = []
+        for batch in torch.arange(len(stacked)).split(self.config.evaluation.batch_size):
+            scores = method.logits(stacked[batch])
+            if scores.shape[1] != n_seen:
+                raise RuntimeError(
+                    f"{method.name} scores {scores.shape[1]} classes, {n_seen} are seen"
+                )
+            hits.append(scores.argmax(dim=1).cpu() == labels[batch])
+        task_sizes = [sum(len(features[c]) for c in task) for task in plan.tasks[: t + 1]]
+        return [int(h.sum()) for h in torch.cat(hits).split(task_sizes)]
 
     @staticmethod
     def memory_means(method: Method) -> dict[int, torch.Tensor] | None:

@@ -384,6 +384,8 @@ class FeCAM(ClassStatistics):
     def __init__(self, backbone_factory: Callable[[], Backbone], config: LearnerConfig) -> None:
         super().__init__(backbone_factory, config)
         self.precisions: list[torch.Tensor] = []
+        # Means and matrices stacked once per class count, not at every call.
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def add_class(self, features: torch.Tensor) -> None:
         x = F.normalize(features.double(), dim=-1)
@@ -393,8 +395,10 @@ class FeCAM(ClassStatistics):
         self.precisions.append(fecam_precisions(cov, memory.shrink_alpha1, memory.shrink_alpha2)[0])
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
+        if self._stacked is None or len(self._stacked[0]) != len(self.means):
+            self._stacked = torch.stack(self.means), torch.stack(self.precisions)
         x = F.normalize(features.double(), dim=-1)
-        return mahalanobis_scores(x, torch.stack(self.means), torch.stack(self.precisions))
+        return mahalanobis_scores(x, *self._stacked)
 
 
 @register_method("joint")
