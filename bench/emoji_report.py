@@ -49,6 +49,7 @@ def stopped_run(folder: Path) -> dict[str, Any]:
                 "metrics": compute_metrics([r["correct"] for r in records], counts),
                 "seconds": {"per_task": [r["seconds"] for r in records]},
                 "memory_per_task": [r.get("memory") for r in records],
+                "diagnostics": [r.get("diagnostics") for r in records],
             }
         )
     n_tasks = max(
@@ -92,9 +93,22 @@ def load_runs(folders: list[Path]) -> list[dict[str, Any]]:
                     "update_seconds": [s["learn"] for s in seconds],
                     "update_stages": [s.get("learn_stages") for s in seconds],
                     "peak_rss_bytes": [m["peak_rss_bytes"] if m else None for m in memory],
+                    "alignment_last_task": alignment(run),
                 }
             )
+    rows.sort(key=lambda r: (r["test_style"], -(r["metrics"]["last"] or 0.0)))
     return rows
+
+
+def alignment(run: dict[str, Any]) -> dict[str, float] | None:
+    """METHOD.md's diagnostic at the last task that has it: the mean cosine between the old
+    classes' memory means and their true means under the new encoder, before and after
+    the calibration."""
+    found = [d for d in run.get("diagnostics") or [] if d]
+    if not found:
+        return None
+    last = found[-1]
+    return {k: last[k] for k in ("mean_cosine_before", "mean_cosine_after")}
 
 
 def growth(row: dict[str, Any]) -> float | None:
@@ -155,46 +169,62 @@ def per_task_table(rows: list[dict[str, Any]]) -> str:
 
 
 def cost_table(rows: list[dict[str, Any]]) -> str:
+    """One line per trained row: the update at the second task, half-way and the last,
+    the phases of the last, and the peak RSS (every task's figures are in results.json)."""
     lines = [
-        "| method | test style | classes learned | update s | stages (s) | peak RSS (MiB) |",
+        "| method | test style | update s (classes) | last / second | phases of the last (s) "
+        "| peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
         if not any(s is not None for s in row["update_stages"]):
             continue  # training-free rows: no update to speak of
-        for classes, seconds, stages, rss in zip(
-            row["classes_learned"],
-            row["update_seconds"],
-            row["update_stages"],
-            row["peak_rss_bytes"],
-            strict=True,
-        ):
-            phases = ", ".join(f"{k} {v:.1f}" for k, v in (stages or {}).items())
-            mib = "" if rss is None else f"{rss / 2**20:.0f}"
-            lines.append(
-                f"| {row['method']} | {row['test_style']} | {classes} | {seconds:.1f} | {phases} "
-                f"| {mib} |"
-            )
+        seconds, classes = row["update_seconds"], row["classes_learned"]
+        picks = sorted({min(1, len(seconds) - 1), len(seconds) // 2, len(seconds) - 1})
+        points = ", ".join(f"{seconds[i]:.1f} ({classes[i]})" for i in picks)
         ratio = growth(row)
-        if ratio is not None:
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in (row["update_stages"][-1] or {}).items())
+        rss = row["peak_rss_bytes"][-1]
+        lines.append(
+            f"| {row['method']} | {row['test_style']} | {points} "
+            f"| {'' if ratio is None else f'{ratio:.2f}x'} | {phases} "
+            f"| {'' if rss is None else f'{rss / 2**20:.0f}'} |"
+        )
+    return "\n".join(lines)
+
+
+def alignment_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | test style | cosine before calibration | after |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        if row["alignment_last_task"]:
+            a = row["alignment_last_task"]
             lines.append(
-                f"| {row['method']} | {row['test_style']} | last / second task | {ratio:.2f}x | | |"
+                f"| {row['method']} | {row['test_style']} | {a['mean_cosine_before']:.3f} "
+                f"| {a['mean_cosine_after']:.3f} |"
             )
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
-        axis.plot(
-            row["classes_learned"],
-            row["accuracy_per_task"],
-            marker=".",
-            label=f"{row['method']} (test {row['test_style']})",
+    styles = sorted({r["test_style"] for r in rows})
+    figure, axes = plt.subplots(
+        1, len(styles), figsize=(6 * len(styles), 4.5), sharey=True, squeeze=False
+    )
+    for axis, style in zip(axes[0], styles, strict=True):
+        for row in (r for r in rows if r["test_style"] == style):
+            axis.plot(
+                row["classes_learned"], row["accuracy_per_task"], marker=".", label=row["method"]
+            )
+        axis.set(
+            xlabel="classes learned",
+            ylabel="accuracy on all seen classes (%)",
+            title=f"test style: {style}",
         )
-    axis.set(xlabel="classes learned", ylabel="accuracy on all seen classes (%)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "accuracy.png", dpi=120)
     plt.close(figure)
@@ -240,9 +270,12 @@ def main() -> None:
             accuracy_table(rows),
             "Accuracy after each task (columns: classes learned):",
             per_task_table(rows),
-            "Each task's update (`learn`), the classes learned after it, the peak RSS of the "
-            "process so far:",
+            "Each task's update (`learn`, seconds) against the classes learned after it, and "
+            "the peak RSS of the process at the end:",
             cost_table(rows),
+            "Calibration diagnostic at the last task (METHOD.md): mean cosine between the old "
+            "classes' memory means and their true means under the new encoder:",
+            alignment_table(rows),
         ]
     )
     (args.out / "results.md").write_text(text + "\n")
