@@ -210,13 +210,20 @@ def alignment_table(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], out: Path) -> None:
     styles = sorted({r["test_style"] for r in rows})
+    # One colour per method in every panel (tab20: more methods than the default cycle).
+    methods = sorted({r["method"] for r in rows})
+    colours = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}
     figure, axes = plt.subplots(
         1, len(styles), figsize=(6 * len(styles), 4.5), sharey=True, squeeze=False
     )
     for axis, style in zip(axes[0], styles, strict=True):
         for row in (r for r in rows if r["test_style"] == style):
             axis.plot(
-                row["classes_learned"], row["accuracy_per_task"], marker=".", label=row["method"]
+                row["classes_learned"],
+                row["accuracy_per_task"],
+                marker=".",
+                label=row["method"],
+                color=colours[row["method"]],
             )
         axis.set(
             xlabel="classes learned",
@@ -232,18 +239,25 @@ def plot(rows: list[dict[str, Any]], out: Path) -> None:
     trained = [r for r in rows if any(s is not None for s in r["update_stages"])]
     if not trained:
         return
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    # Colour: the method; line style: the held-out style.
+    dashes = {style: ("-", "--", ":", "-.")[i % 4] for i, style in enumerate(styles)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     for row in trained:
-        label = f"{row['method']} (test {row['test_style']})"
-        left.plot(row["classes_learned"], row["update_seconds"], marker=".", label=label)
+        look = {
+            "marker": ".",
+            "color": colours[row["method"]],
+            "linestyle": dashes[row["test_style"]],
+            "label": f"{row['method']} (test {row['test_style']})",
+        }
+        left.plot(row["classes_learned"], row["update_seconds"], **look)
         if all(v is not None for v in row["peak_rss_bytes"]):
             mib = [v / 2**20 for v in row["peak_rss_bytes"]]
-            right.plot(row["classes_learned"], mib, marker=".", label=label)
+            right.plot(row["classes_learned"], mib, **look)
     left.set(xlabel="classes learned", ylabel="seconds", title="one task's update")
     right.set(xlabel="classes learned", ylabel="MiB", title="peak resident memory so far")
     for axis in (left, right):
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(out / "update_cost.png", dpi=120)
     plt.close(figure)

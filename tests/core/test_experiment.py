@@ -201,6 +201,48 @@ def test_feature_cache(tmp_path: Path) -> None:
     assert len(calls) == 3 and memory_only.stats()["hits"] == 1
 
 
+def test_evaluation_scores_across_classes_in_batches(
+    colour_folder: Path,
+    checkpoints: dict[str, BackboneSpec],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A method scores up to `evaluation.batch_size` images per call, across classes and
+    tasks (not one call per class), and the counts per task do not depend on the batching."""
+    fecam = get_method_class("fecam")
+    calls: list[int] = []
+    real_logits = fecam.logits
+
+    def counted(self: Any, features: Any) -> Any:
+        calls.append(len(features))
+        return real_logits(self, features)
+
+    monkeypatch.setattr(fecam, "logits", counted)
+    correct = {}
+    for batch_size in (1, 5):
+        calls.clear()
+        data = _config(
+            colour_folder,
+            checkpoints["dmc-tiny-vit"],
+            seeds=[1],
+            methods=["fecam"],
+            evaluation={"feature_cache": None, "diagnostics": [], "batch_size": batch_size},
+        )
+        results = run_experiment(
+            ExperimentConfig.from_dict(data),
+            tmp_path / str(batch_size),
+            show_progress=False,
+            log=lambda _: None,
+        )
+        correct[batch_size] = results["runs"][0]["correct"]
+        # Six classes of three test images, two per task: 6, 12 and 18 images scored.
+        assert calls == [
+            min(batch_size, n - i) for n in (6, 12, 18) for i in range(0, n, batch_size)
+        ]
+    assert correct[1] == correct[5]
+    assert [len(row) for row in correct[5]] == [1, 2, 3]
+
+
 NEW_ROWS = [
     "simplecil",
     "fecam",
