@@ -111,6 +111,33 @@ def alignment(run: dict[str, Any]) -> dict[str, float] | None:
     return {k: last[k] for k in ("mean_cosine_before", "mean_cosine_after")}
 
 
+def _scalars(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A record's single values, without its per-class lists and tables."""
+    if record is None:
+        return None
+    return {k: v for k, v in record.items() if not isinstance(v, list | dict)}
+
+
+def _slim_report(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    return {
+        **(_scalars(report) or {}),
+        "seconds": report.get("seconds"),
+        "calibration": _scalars(report.get("calibration")),
+    }
+
+
+def slim(results: dict[str, Any]) -> dict[str, Any]:
+    """A source run for the committed report without the per-class lists and tables of its
+    task reports and diagnostics (several MB over 17 tasks; the run folder keeps them)."""
+    results = {**results, "runs": [dict(run) for run in results["runs"]]}
+    for run in results["runs"]:
+        run["diagnostics"] = [_scalars(d) for d in run.get("diagnostics") or []]
+        run["task_reports"] = [_slim_report(r) for r in run.get("task_reports") or []]
+    return results
+
+
 def growth(row: dict[str, Any]) -> float | None:
     """Update seconds at the last task / at the second (None without two tasks)."""
     seconds = row["update_seconds"]
@@ -270,7 +297,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = load_runs(args.folders)
     args.out.mkdir(parents=True, exist_ok=True)
-    sources = [read_results(f) for f in args.folders]
+    sources = [slim(read_results(f)) for f in args.folders]
     report = {
         "rows": rows,
         "growth_last_over_second": {f"{r['method']}/{r['test_style']}": growth(r) for r in rows},
